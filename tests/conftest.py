@@ -26,3 +26,11 @@ def require(condition: bool, reason: str) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("root") is not None:
         require(os.geteuid() == 0, "needs root (tier-3 test: BPF, netns, tc)")
+
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
+    """Async tests run on uvloop, the loop the agent runs on in production."""
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}

@@ -1,0 +1,354 @@
+"""AgentConfig: the YAML file plus command-line flags, validated, every default documented.
+
+Each option lives once, as a field of a frozen section dataclass below, with its default, unit
+and help text beside it. The YAML keys (``section.field``) and the flags (``--section-field``) are
+derived from those fields, so an option is never declared twice. Unknown keys are errors: a typo
+in a firewall's configuration must never silently widen anything.
+
+    dns:
+      listen: ["127.0.0.1:5353", "[::1]:5353"]
+    upstream:
+      servers: ["127.0.0.1:53"]
+      timeout: 2.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, get_args, get_origin
+
+import yaml
+
+from fqdnproxy.errors import FqdnproxyError
+
+
+class ConfigError(FqdnproxyError):
+    """Invalid configuration."""
+
+
+def _opt(default: Any, help: str, unit: str = "") -> Any:
+    """A config field: its default, its help text and its unit, side by side."""
+    meta = {"help": help, "unit": unit}
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    """The proxy's listeners and the limits that keep it standing under load."""
+
+    listen: tuple[str, ...] = _opt(
+        ["127.0.0.1:5353", "[::1]:5353"], "addresses the proxy listens on, UDP and TCP, IP:PORT"
+    )
+    tcp: bool = _opt(True, "also listen on TCP (clients retry truncated answers over TCP)")
+    max_in_flight: int = _opt(
+        10_000, "queries being handled at once; past it new queries get SERVFAIL", "queries"
+    )
+    tcp_max_connections: int = _opt(
+        1_000, "open client TCP connections; past it new ones are closed", "connections"
+    )
+    tcp_idle_timeout: float = _opt(10.0, "close a client TCP connection idle this long", "s")
+    tcp_message_timeout: float = _opt(
+        5.0, "close a TCP connection whose partial message stalls this long", "s"
+    )
+    tcp_max_queries_per_connection: int = _opt(
+        100, "queries one TCP connection may have in flight at once", "queries"
+    )
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """Where allowed queries go in explicit mode, and how they are sent."""
+
+    servers: tuple[str, ...] = _opt(
+        ["127.0.0.1:53"], "upstream DNS servers, IP:PORT; queries are spread across them"
+    )
+    timeout: float = _opt(
+        2.0, "give up on an upstream answer after this long (the client then retries)", "s"
+    )
+    sockets_per_server: int = _opt(
+        16, "UDP sockets, each on its own random source port, per upstream server", "sockets"
+    )
+    socket_max_queries: int = _opt(
+        2_000, "rotate a UDP socket (new random port) after this many queries", "queries"
+    )
+    socket_max_age: float = _opt(60.0, "rotate a UDP socket after this long", "s")
+    max_servers: int = _opt(
+        256, "distinct upstream servers with open sockets at once (transparent mode)", "servers"
+    )
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The audit log: one JSON object per exchange."""
+
+    path: str = _opt("-", "where audit records go: a file path, '-' for stdout, '' for none")
+    queue_size: int = _opt(
+        65_536, "records waiting to be written; past it records are dropped and counted",
+        "records",
+    )
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint."""
+
+    listen: str = _opt("127.0.0.1:9153", "address of /metrics, '' to disable, IP:PORT")
+
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything ``fqdnproxy run`` needs."""
+
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log_level: LogLevel = field(
+        default="info", metadata={"help": "log level of the agent's own log (stderr)", "unit": ""}
+    )
+
+
+SECTIONS: dict[str, type] = {
+    "dns": DnsConfig,
+    "upstream": UpstreamConfig,
+    "audit": AuditConfig,
+    "metrics": MetricsConfig,
+}
+
+
+# --- addresses ------------------------------------------------------------------------------
+
+
+def parse_address(text: str, allow_port_zero: bool = False) -> tuple[str, int]:
+    """``"127.0.0.1:53"`` or ``"[::1]:53"`` -> ``("::1", 53)``.
+
+    Port 0 (the kernel picks a free port) is accepted only for listening addresses.
+
+    Raises:
+        ValueError: not IP:PORT with a valid IP and a port in 1..65535.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not IP:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, [ADDR]:PORT")
+    ip = ipaddress.ip_address(host)
+    lowest = 0 if allow_port_zero else 1
+    if not port_text.isdigit() or not lowest <= int(port_text) < 65536:
+        raise ValueError(f"{text!r}: port must be {lowest}..65535")
+    return str(ip), int(port_text)
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> AgentConfig:
+    """Read the YAML file (if any), apply ``overrides`` (``"section.field" -> value``), validate.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, wrong type or invalid value; the message
+            names the file and the key.
+    """
+    origin = str(path) if path else "flags"
+    document: dict[str, Any] = {}
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        document = loaded
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if key:
+            document.setdefault(section, {})
+            if not isinstance(document[section], dict):
+                raise ConfigError(f"{origin}: {section}: must be a mapping")
+            document[section][key] = value
+        else:
+            document[section] = value
+    return _build(document, origin)
+
+
+def _build(document: Mapping[str, Any], origin: str) -> AgentConfig:
+    known = set(SECTIONS) | {"log_level"}
+    for key in document:
+        if key not in known:
+            raise ConfigError(f"{origin}: {key}: unknown key; known: {', '.join(sorted(known))}")
+    sections: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        raw = document.get(name) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{origin}: {name}: must be a mapping")
+        sections[name] = _build_section(cls, raw, f"{origin}: {name}")
+    level = document.get("log_level", "info")
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"{origin}: log_level: {level!r}; one of {', '.join(LOG_LEVELS)}")
+    config = AgentConfig(log_level=level, **sections)
+    _validate(config, origin)
+    return config
+
+
+def _build_section(cls: type, raw: Mapping[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"{where}.{key}: unknown key; known: {', '.join(fields)}")
+    values = {}
+    for key, value in raw.items():
+        values[key] = _coerce(value, _field_type(cls, key), f"{where}.{key}")
+    return cls(**values)
+
+
+def _field_type(cls: type, name: str) -> Any:
+    import typing
+
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    """Convert a YAML or flag value to the field's type, or say what was expected."""
+    if get_origin(kind) is tuple:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(item, str, f"{where}[{index}]") for index, item in enumerate(value))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if kind is float:
+        return _seconds(value, where)
+    if kind is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _seconds(value: Any, where: str) -> float:
+    """A duration: a number of seconds, or a string such as ``"500ms"``, ``"2s"``, ``"1m"``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a duration, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        for suffix, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+            if text.endswith(suffix):
+                text, factor = text[: -len(suffix)], scale
+                break
+        else:
+            factor = 1.0
+        try:
+            return float(text) * factor
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: expected a duration such as 2, 2s or 500ms, got {value!r}")
+
+
+def _validate(config: AgentConfig, origin: str) -> None:
+    def check_address(text: str, where: str, listening: bool = False) -> None:
+        try:
+            parse_address(text, allow_port_zero=listening)
+        except ValueError as error:
+            raise ConfigError(f"{origin}: {where}: {error}") from None
+
+    for index, text in enumerate(config.dns.listen):
+        check_address(text, f"dns.listen[{index}]", listening=True)
+    if not config.dns.listen:
+        raise ConfigError(f"{origin}: dns.listen: at least one address is needed")
+    for index, text in enumerate(config.upstream.servers):
+        check_address(text, f"upstream.servers[{index}]")
+    if config.metrics.listen:
+        check_address(config.metrics.listen, "metrics.listen", listening=True)
+    positive = [
+        ("dns.max_in_flight", config.dns.max_in_flight),
+        ("dns.tcp_max_connections", config.dns.tcp_max_connections),
+        ("dns.tcp_idle_timeout", config.dns.tcp_idle_timeout),
+        ("dns.tcp_message_timeout", config.dns.tcp_message_timeout),
+        ("dns.tcp_max_queries_per_connection", config.dns.tcp_max_queries_per_connection),
+        ("upstream.timeout", config.upstream.timeout),
+        ("upstream.sockets_per_server", config.upstream.sockets_per_server),
+        ("upstream.socket_max_queries", config.upstream.socket_max_queries),
+        ("upstream.socket_max_age", config.upstream.socket_max_age),
+        ("upstream.max_servers", config.upstream.max_servers),
+        ("audit.queue_size", config.audit.queue_size),
+    ]
+    for where, value in positive:
+        if value <= 0:
+            raise ConfigError(f"{origin}: {where}: must be greater than 0, got {value}")
+
+
+# --- flags ------------------------------------------------------------------------------------
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--section-field`` flag per option, help text and default taken from the field."""
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} options")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = ",".join(default) if isinstance(default, tuple) else default
+            unit = f" ({f.metadata['unit']})" if f.metadata.get("unit") else ""
+            group.add_argument(
+                f"--{section}-{f.name.replace('_', '-')}",
+                dest=f"opt:{section}.{f.name}",
+                metavar="VALUE",
+                default=None,
+                help=f"{f.metadata['help']}{unit}; default {shown!r}",
+            )
+    parser.add_argument(
+        "--log-level", dest="opt:log_level", default=None,
+        choices=LOG_LEVELS, help="agent log level; default 'info'",
+    )
+
+
+def from_args(args: argparse.Namespace) -> AgentConfig:
+    """The configuration from ``--config FILE`` with any flags given on top of it."""
+    overrides = {
+        key[len("opt:"):]: value
+        for key, value in vars(args).items()
+        if key.startswith("opt:") and value is not None
+    }
+    return load(getattr(args, "config", None), overrides)
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(key, default, help) for every option, for the README's configuration table."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            unit = f" ({f.metadata['unit']})" if f.metadata.get("unit") else ""
+            rows.append((f"{section}.{f.name}", repr(default), f.metadata["help"] + unit))
+    return rows

@@ -1,0 +1,296 @@
+"""UDP and TCP listeners: they frame bytes and hand each message to the query handler.
+
+Nothing here knows DNS beyond TCP's 2-byte length prefix. Each message becomes one task running
+``handle(data, client)``; the task's reply (if any) goes back the way the query came. The
+handler never raises (it answers SERVFAIL at its own boundary), but the listener still guards:
+nothing a client sends may stop a listener.
+
+TCP limits: a cap on open connections (past it new ones are closed at once), an idle timeout, a
+timeout for a partial message that stalls, and a cap on queries one connection may have in flight
+(past it the connection stops being read until answers go out). Answers may leave out of order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from fqdnproxy.observe.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """Who sent a query, and to which address (the proxy's, or in transparent mode the original
+    destination)."""
+
+    ip: str
+    port: int
+    protocol: str  # "udp" or "tcp"
+    local: tuple[str, int]
+
+
+QueryHandler = Callable[[bytes, Client], Awaitable[bytes | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerLimits:
+    """TCP limits; see ``config.DnsConfig`` for the documented defaults."""
+
+    tcp_max_connections: int = 1_000
+    tcp_idle_timeout: float = 10.0
+    tcp_message_timeout: float = 5.0
+    tcp_max_queries_per_connection: int = 100
+
+
+class TaskSet:
+    """The handler tasks in flight, so shutdown can cancel them and nothing is garbage-collected
+    while it runs."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def cancel_all(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+# --- UDP --------------------------------------------------------------------------------------
+
+
+class _UdpListener(asyncio.DatagramProtocol):
+    def __init__(self, handle: QueryHandler, tasks: TaskSet, local: tuple[str, int]) -> None:
+        self._handle = handle
+        self._tasks = tasks
+        self._local = local
+        self._transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        client = Client(addr[0], addr[1], "udp", self._local)
+        self._tasks.spawn(self._serve(data, client, addr))
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for replies to clients that went away: nothing to do, nothing to stop.
+        log.debug("udp listener %s: %s", self._local, exc)
+
+    async def _serve(self, data: bytes, client: Client, addr: Any) -> None:
+        try:
+            reply = await self._handle(data, client)
+        except Exception:  # the handler guards itself; this is the last line
+            log.exception("udp handler failed")
+            return
+        if reply is not None and self._transport is not None:
+            self._transport.sendto(reply, addr)
+
+
+# --- TCP --------------------------------------------------------------------------------------
+
+
+class _TcpConnection(asyncio.Protocol):
+    def __init__(self, listener: _TcpListener) -> None:
+        self._listener = listener
+        self._buffer = bytearray()
+        self._transport: asyncio.Transport | None = None
+        self._client: Client | None = None
+        self._in_flight = 0
+        self._paused = False
+        self.last_activity = time.monotonic()
+        self.partial_since: float | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        listener = self._listener
+        if len(listener.connections) >= listener.limits.tcp_max_connections:
+            listener.metrics.tcp_closed.labels("limit").inc()
+            transport.abort()  # type: ignore[attr-defined]
+            self._transport = None
+            return
+        peer = transport.get_extra_info("peername")
+        self._client = Client(peer[0], peer[1], "tcp", listener.local)
+        listener.connections.add(self)
+        listener.metrics.tcp_connections.inc()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self in self._listener.connections:
+            self._listener.connections.discard(self)
+            self._listener.metrics.tcp_connections.dec()
+        self._transport = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._transport is None:
+            return
+        now = time.monotonic()
+        self.last_activity = now
+        buffer = self._buffer
+        buffer += data
+        while len(buffer) >= 2:
+            (length,) = struct.unpack_from("!H", buffer)
+            if len(buffer) < 2 + length:
+                break
+            message = bytes(buffer[2:2 + length])
+            del buffer[:2 + length]
+            self._dispatch(message)
+        self.partial_since = (self.partial_since or now) if buffer else None
+
+    def _dispatch(self, message: bytes) -> None:
+        assert self._client is not None
+        self._in_flight += 1
+        if self._in_flight >= self._listener.limits.tcp_max_queries_per_connection:
+            # Back-pressure, not a drop: stop reading until answers go out.
+            self._paused = True
+            assert self._transport is not None
+            self._transport.pause_reading()
+        self._listener.tasks.spawn(self._serve(message, self._client))
+
+    async def _serve(self, message: bytes, client: Client) -> None:
+        try:
+            reply = await self._listener.handle(message, client)
+        except Exception:
+            log.exception("tcp handler failed")
+            reply = None
+        finally:
+            self._in_flight -= 1
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if reply is not None:
+            transport.write(struct.pack("!H", len(reply)) + reply)
+            self.last_activity = time.monotonic()
+        if self._paused and self._in_flight < self._listener.limits.tcp_max_queries_per_connection:
+            self._paused = False
+            transport.resume_reading()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def check_timers(self, now: float) -> None:
+        """Close the connection if it idled or a partial message stalled."""
+        if self._transport is None:
+            return
+        limits = self._listener.limits
+        reason = None
+        if self.partial_since is not None and now - self.partial_since > limits.tcp_message_timeout:
+            reason = "stalled"
+        elif self._in_flight == 0 and now - self.last_activity > limits.tcp_idle_timeout:
+            reason = "idle"
+        if reason is not None:
+            self._listener.metrics.tcp_closed.labels(reason).inc()
+            self._transport.close()
+
+
+class _TcpListener:
+    def __init__(self, handle: QueryHandler, tasks: TaskSet, local: tuple[str, int],
+                 limits: ListenerLimits, metrics: Metrics) -> None:
+        self.handle = handle
+        self.tasks = tasks
+        self.local = local
+        self.limits = limits
+        self.metrics = metrics
+        self.connections: set[_TcpConnection] = set()
+
+    def protocol(self) -> _TcpConnection:
+        return _TcpConnection(self)
+
+    def check_timers(self) -> None:
+        now = time.monotonic()
+        for connection in list(self.connections):
+            connection.check_timers(now)
+
+
+# --- the server -------------------------------------------------------------------------------
+
+
+def _bind(ip: str, port: int, kind: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    sock = socket.socket(family, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # [::]:53 and 0.0.0.0:53 are separate listeners, as configured.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((ip, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class DnsServer:
+    """The UDP and TCP listeners on every configured address."""
+
+    def __init__(self, addresses: list[tuple[str, int]], handle: QueryHandler, metrics: Metrics,
+                 limits: ListenerLimits, tcp: bool = True) -> None:
+        self._addresses = addresses
+        self._handle = handle
+        self._metrics = metrics
+        self._limits = limits
+        self._tcp = tcp
+        self.tasks = TaskSet()
+        self.bound: list[tuple[str, str, int]] = []  # (protocol, ip, port) actually bound
+        self._closers: list[Callable[[], Any]] = []
+        self._tcp_listeners: list[_TcpListener] = []
+        self._timer_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Bind every listener.
+
+        Raises:
+            OSError: an address could not be bound (in use, not local, no permission).
+        """
+        loop = asyncio.get_running_loop()
+        for ip, port in self._addresses:
+            udp_sock = _bind(ip, port, socket.SOCK_DGRAM)
+            # Port 0: TCP takes the port the kernel gave UDP, so one port serves both.
+            port = udp_sock.getsockname()[1]
+            local = (ip, port)
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda local=local: _UdpListener(self._handle, self.tasks, local), sock=udp_sock)
+            self._closers.append(transport.close)
+            self.bound.append(("udp", ip, port))
+            if self._tcp:
+                listener = _TcpListener(self._handle, self.tasks, local, self._limits,
+                                        self._metrics)
+                tcp_sock = _bind(ip, port, socket.SOCK_STREAM)
+                server = await loop.create_server(listener.protocol, sock=tcp_sock, backlog=1024)
+                self._closers.append(server.close)
+                self._tcp_listeners.append(listener)
+                self.bound.append(("tcp", ip, port))
+        if self._tcp_listeners:
+            self._timer_task = loop.create_task(self._check_timers_forever())
+
+    async def _check_timers_forever(self) -> None:
+        tick = min(self._limits.tcp_idle_timeout, self._limits.tcp_message_timeout) / 4
+        while True:
+            await asyncio.sleep(max(0.01, tick))
+            for listener in self._tcp_listeners:
+                listener.check_timers()
+
+    async def stop(self) -> None:
+        """Stop listening, close client connections and cancel queries in flight."""
+        if self._timer_task is not None:
+            self._timer_task.cancel()
+        for close in self._closers:
+            close()
+        for listener in self._tcp_listeners:
+            for connection in list(listener.connections):
+                connection.close()
+        await self.tasks.cancel_all()

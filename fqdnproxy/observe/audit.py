@@ -1,0 +1,172 @@
+"""Audit records and the JSON-lines sink.
+
+Every exchange the proxy finishes yields exactly one ``AuditRecord``; its ``type`` says how the
+exchange ended: ``answer`` (an upstream answer was released), ``query`` (the proxy answered itself
+or not at all: refused, SERVFAIL, FORMERR, upstream timeout). The record carries the query, the
+verdict and, for answers, the rcode, the answer records and the CNAME chain.
+
+The hot path only appends the record to a bounded deque; a writer thread turns records into JSON
+and writes them, so a slow disk never stalls DNS. When the deque is full the record is dropped
+and counted (``fqdnproxy_audit_records_dropped``): losing an audit line is bad, blocking every
+pod's DNS is worse.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import IO, Any, Protocol
+
+from fqdnproxy.observe.metrics import Metrics
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerRecord:
+    """One record of an answer section as the audit log shows it."""
+
+    name: str
+    type: str
+    ttl: int
+    data: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One finished exchange. Field names are the JSON keys; see README "Audit records"."""
+
+    time: float  # seconds since the epoch, rendered as RFC 3339 UTC
+    type: str  # "query" or "answer"
+    protocol: str  # "udp" or "tcp"
+    source: tuple[str, int]
+    server: tuple[str, int] | None
+    query_name: str
+    query_type: str
+    query_class: int
+    query_id: int
+    verdict: str  # "allowed", "denied", "overload", "malformed", "no-endpoint"
+    reason: str  # the rule that decided, or why the proxy answered itself
+    rcode: str | None  # rcode released to the client; None when nothing was released
+    latency: float  # seconds from receipt to release
+    answers: tuple[AnswerRecord, ...] = ()
+    cnames: tuple[str, ...] = ()
+    endpoint: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object written to the log (ECS mapping in the README)."""
+        return {
+            "time": _rfc3339(self.time),
+            "type": self.type,
+            "endpoint": self.endpoint,
+            "source": {"ip": self.source[0], "port": self.source[1]},
+            "server": {"ip": self.server[0], "port": self.server[1]} if self.server else None,
+            "protocol": self.protocol,
+            "query": {"name": self.query_name, "type": self.query_type,
+                      "class": self.query_class, "id": self.query_id},
+            "verdict": self.verdict,
+            "reason": self.reason,
+            "rcode": self.rcode,
+            "answers": [
+                {"name": a.name, "type": a.type, "ttl": a.ttl, "data": a.data}
+                for a in self.answers
+            ],
+            "cnames": list(self.cnames),
+            "latency_ms": round(self.latency * 1000.0, 3),
+        }
+
+
+def _rfc3339(timestamp: float) -> str:
+    moment = datetime.fromtimestamp(timestamp, tz=timezone.utc)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class AuditSink(Protocol):
+    """Where the proxy sends finished exchanges."""
+
+    def emit(self, record: AuditRecord) -> None:
+        """Queue one record; never blocks."""
+
+
+class NullAuditSink:
+    """Audit disabled (``audit.path: ''``)."""
+
+    def emit(self, record: AuditRecord) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class JsonLinesAuditLog:
+    """Writes records as JSON lines to a file or stdout from a writer thread.
+
+    ``reopen()`` (called on SIGHUP) reopens the file so logrotate can move it away.
+    """
+
+    POLL_INTERVAL = 0.02  # s; the writer's sleep when idle, bounding a record's delay to disk
+
+    def __init__(self, path: str, queue_size: int, metrics: Metrics) -> None:
+        self._path = path
+        self._queue: collections.deque[AuditRecord] = collections.deque()
+        self._queue_size = queue_size
+        self._metrics = metrics
+        self._reopen = threading.Event()
+        self._stop = threading.Event()
+        self._stream: IO[str] = self._open()
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: AuditRecord) -> None:
+        """Queue one record, or drop and count it when the queue is full."""
+        if len(self._queue) >= self._queue_size:
+            self._metrics.audit_dropped.inc()
+            return
+        self._queue.append(record)
+
+    def reopen(self) -> None:
+        """Reopen the file before the next write (SIGHUP)."""
+        self._reopen.set()
+
+    def close(self) -> None:
+        """Write what is queued, then stop the writer."""
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+        self._drain()
+        if self._stream is not sys.stdout:
+            self._stream.close()
+
+    def _open(self) -> IO[str]:
+        if self._path == "-":
+            return sys.stdout
+        return open(self._path, "a", encoding="utf-8", buffering=1 << 16)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._reopen.is_set():
+                self._reopen.clear()
+                if self._stream is not sys.stdout:
+                    self._stream.close()
+                self._stream = self._open()
+            if not self._drain():
+                time.sleep(self.POLL_INTERVAL)
+
+    def _drain(self) -> int:
+        written = 0
+        queue = self._queue
+        lines = []
+        while queue:
+            lines.append(json.dumps(queue.popleft().to_dict(), separators=(",", ":")))
+            written += 1
+        if lines:
+            try:
+                self._stream.write("\n".join(lines) + "\n")
+                self._stream.flush()
+            except OSError:
+                # A full disk must not kill the writer; the lines are lost and counted.
+                self._metrics.audit_dropped.inc(len(lines))
+        self._metrics.audit_queue.set(len(queue))
+        return written

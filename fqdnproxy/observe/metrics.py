@@ -1,0 +1,87 @@
+"""Prometheus metrics, all under ``fqdnproxy_``.
+
+Every metric lives on a ``Metrics`` instance with its own registry, so tests and benchmarks can
+run several proxies in one process. Label values are bounded: verdicts, rcodes, reasons and a
+short list of query types; never a name or an IP.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Query types that get their own label value; everything else is "other". Bounded on purpose.
+QTYPE_LABELS: dict[int, str] = {
+    1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA",
+    33: "SRV", 64: "SVCB", 65: "HTTPS", 255: "ANY",
+}
+RCODE_LABELS: dict[int, str] = {
+    0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED",
+}
+
+# Upstream round trips on a LAN are sub-millisecond; timeouts are seconds.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0,
+)
+
+
+def qtype_label(qtype: int) -> str:
+    """The bounded label value for a query type."""
+    return QTYPE_LABELS.get(qtype, "other")
+
+
+def rcode_label(rcode: int) -> str:
+    """The bounded label value for a response code."""
+    return RCODE_LABELS.get(rcode, "other")
+
+
+class Metrics:
+    """The agent's metrics. Attributes are prometheus-client collectors."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.queries = Counter(
+            "fqdnproxy_queries", "Client queries by verdict, query type and protocol",
+            ["verdict", "qtype", "protocol"], registry=r)
+        self.answers = Counter(
+            "fqdnproxy_answers", "Answers released to clients by response code",
+            ["rcode"], registry=r)
+        self.malformed = Counter(
+            "fqdnproxy_malformed_queries", "Client messages that could not be read, by outcome "
+            "(formerr: answered FORMERR; dropped: not even a header)", ["outcome"], registry=r)
+        self.overload = Counter(
+            "fqdnproxy_overload_rejections", "Queries answered SERVFAIL because the in-flight "
+            "cap was reached", registry=r)
+        self.in_flight = Gauge(
+            "fqdnproxy_queries_in_flight", "Queries being handled now", registry=r)
+        self.upstream_latency = Histogram(
+            "fqdnproxy_upstream_latency_seconds", "Time from forwarding a query to its answer",
+            ["protocol"], buckets=LATENCY_BUCKETS, registry=r)
+        self.total_latency = Histogram(
+            "fqdnproxy_query_latency_seconds", "Time from receiving a query to releasing the "
+            "answer", ["protocol"], buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_errors = Counter(
+            "fqdnproxy_upstream_errors", "Upstream exchanges that failed, by reason "
+            "(timeout, unreachable, reset, bad_answer)", ["reason"], registry=r)
+        self.upstream_stray = Counter(
+            "fqdnproxy_upstream_stray_answers", "Upstream messages dropped: wrong source, "
+            "unknown ID, wrong question, not a response, unreadable", ["reason"], registry=r)
+        self.upstream_sockets = Gauge(
+            "fqdnproxy_upstream_sockets", "Open upstream UDP sockets", registry=r)
+        self.upstream_rotations = Counter(
+            "fqdnproxy_upstream_socket_rotations", "Upstream UDP sockets replaced by a socket "
+            "on a new random port", registry=r)
+        self.tcp_connections = Gauge(
+            "fqdnproxy_tcp_connections", "Open client TCP connections", registry=r)
+        self.tcp_closed = Counter(
+            "fqdnproxy_tcp_connections_closed", "Client TCP connections closed by the proxy, "
+            "by reason (limit, idle, stalled, oversized)", ["reason"], registry=r)
+        self.handler_errors = Counter(
+            "fqdnproxy_handler_errors", "Unexpected exceptions caught at the handler boundary "
+            "(answered SERVFAIL)", registry=r)
+        self.audit_dropped = Counter(
+            "fqdnproxy_audit_records_dropped", "Audit records dropped because the sink's queue "
+            "was full", registry=r)
+        self.audit_queue = Gauge(
+            "fqdnproxy_audit_queue_records", "Audit records waiting to be written", registry=r)

@@ -1,0 +1,272 @@
+"""The path of one query, as one flat coroutine: read, decide, forward, learn, release.
+
+    bytes in ─► read ─► admit ─► decide ─► forward ─► learn ─► release ─► bytes out
+                 │        │         │          │          │
+              FORMERR  SERVFAIL  REFUSED   SERVFAIL    SERVFAIL
+              or drop  (overload)          or silence  (map write failed)
+
+The stages, in order (CoreDNS keeps this list in ``plugin.cfg``; we keep it here):
+
+1. read:    the wire fast path reads the header and the question; unreadable -> FORMERR if
+            the header could be read, else dropped. Both counted.
+2. admit:   the in-flight cap; past it SERVFAIL, counted.
+3. decide:  the ``Decider`` (policy engine; ``AllowAll`` until policies are wired in).
+4. forward: the ``UpstreamClient`` over the client's protocol, to the server the ``Router``
+            names (a configured upstream, or in transparent mode the original destination).
+            Timeout: no answer, the client retries. Unreachable or bad answer: SERVFAIL.
+5. learn:   the ``Learner`` sees the parsed answer before release (the allow-map writer;
+            ``NoLearning`` until the datapath is wired in). A failure means SERVFAIL: never
+            release an answer whose connection the datapath would drop.
+6. release: the client's ID restored; one audit record; metrics.
+
+Every failure goes through ``_fail``; nothing raised inside a stage escapes ``handle``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from fqdnproxy.dns import upstream as upstream_mod
+from fqdnproxy.dns import wire
+from fqdnproxy.dns.server import Client
+from fqdnproxy.observe import metrics as metrics_mod
+from fqdnproxy.observe.audit import AnswerRecord, AuditRecord, AuditSink
+from fqdnproxy.observe.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Server = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the decide stage concluded, and which rule said so."""
+
+    allowed: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One query on its way through the stages."""
+
+    client: Client
+    data: bytes
+    query: wire.Query
+    received: float  # time.monotonic() at receipt
+    server: Server | None = None
+    decision: Decision | None = None
+
+
+class Decider(Protocol):
+    """The decide stage: may this client ask this question of this server?"""
+
+    def decide(self, client: Client, query: wire.Query, server: Server) -> Decision: ...
+
+
+class Learner(Protocol):
+    """The learn stage: record what an allowed answer teaches, before it is released.
+
+    Raises ``LearnError`` when the answer must not be released.
+    """
+
+    async def learn(self, exchange: Exchange, response: wire.Response) -> None: ...
+
+
+class Router(Protocol):
+    """Where a client's query goes upstream."""
+
+    def server_for(self, client: Client) -> Server: ...
+
+
+class LearnError(Exception):
+    """The learn stage could not record what the answer teaches (for example, map full)."""
+
+
+class AllowAll:
+    """The decide stage before policies exist: every query is forwarded."""
+
+    def decide(self, client: Client, query: wire.Query, server: Server) -> Decision:
+        return Decision(True, "no policy loaded")
+
+
+class NoLearning:
+    """The learn stage before the datapath exists: answers teach nothing."""
+
+    async def learn(self, exchange: Exchange, response: wire.Response) -> None:
+        return None
+
+
+class RoundRobinUpstreams:
+    """Explicit mode: queries go to the configured upstreams in turn."""
+
+    def __init__(self, servers: list[Server]) -> None:
+        if not servers:
+            raise ValueError("at least one upstream server is needed")
+        self._cycle = itertools.cycle(servers)
+
+    def server_for(self, client: Client) -> Server:
+        return next(self._cycle)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    max_in_flight: int = 10_000
+    deny_rcode: wire.Rcode = wire.Rcode.REFUSED
+
+
+class Proxy:
+    """The query handler the listeners call: ``await proxy.handle(data, client)``."""
+
+    def __init__(self, upstream: upstream_mod.UpstreamClient, router: Router, audit: AuditSink,
+                 metrics: Metrics, settings: ProxySettings = ProxySettings(),
+                 decider: Decider | None = None, learner: Learner | None = None) -> None:
+        self._upstream = upstream
+        self._router = router
+        self._audit = audit
+        self._metrics = metrics
+        self._settings = settings
+        self._decider: Decider = decider or AllowAll()
+        self._learner: Learner = learner or NoLearning()
+        self._in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def handle(self, data: bytes, client: Client) -> bytes | None:
+        """The reply to send back, or None to stay silent. Never raises."""
+        received = time.monotonic()
+        query = self._read(data, client)
+        if query is None:
+            return self._malformed_reply(data)
+        exchange = Exchange(client, data, query, received)
+        if self._in_flight >= self._settings.max_in_flight:
+            self._metrics.overload.inc()
+            return self._fail(exchange, wire.Rcode.SERVFAIL, "overload", "in-flight cap reached")
+        self._in_flight += 1
+        self._metrics.in_flight.inc()
+        try:
+            return await self._resolve(exchange)
+        except Exception as error:  # the handler boundary: count, log, SERVFAIL
+            self._metrics.handler_errors.inc()
+            log.exception("handler failed for %s", query.question.name)
+            return self._fail(exchange, wire.Rcode.SERVFAIL, "error", f"internal error: {error}")
+        finally:
+            self._in_flight -= 1
+            self._metrics.in_flight.dec()
+
+    async def _resolve(self, exchange: Exchange) -> bytes | None:
+        query = exchange.query
+        server = self._router.server_for(exchange.client)
+        decision = self._decider.decide(exchange.client, query, server)
+        exchange = Exchange(exchange.client, exchange.data, query, exchange.received, server,
+                            decision)
+        if not decision.allowed:
+            return self._fail(exchange, self._settings.deny_rcode, "denied", decision.reason)
+        try:
+            answer = await self._forward(exchange, server)
+        except upstream_mod.UpstreamTimeout:
+            self._metrics.upstream_errors.labels("timeout").inc()
+            return self._fail(exchange, None, "allowed", "upstream timeout; no answer sent")
+        except upstream_mod.UpstreamError as error:
+            self._metrics.upstream_errors.labels(error.reason).inc()
+            return self._fail(exchange, wire.Rcode.SERVFAIL, "allowed", f"upstream: {error}")
+        try:
+            response = wire.parse_response(answer)
+        except wire.WireError as error:
+            self._metrics.upstream_errors.labels("bad_answer").inc()
+            return self._fail(exchange, wire.Rcode.SERVFAIL, "allowed",
+                              f"upstream answer unreadable: {error}")
+        try:
+            await self._learner.learn(exchange, response)
+        except LearnError as error:
+            return self._fail(exchange, wire.Rcode.SERVFAIL, "allowed", f"not learned: {error}")
+        return self._release(exchange, answer, response)
+
+    async def _forward(self, exchange: Exchange, server: Server) -> bytes:
+        started = time.monotonic()
+        if exchange.client.protocol == "tcp":
+            answer = await self._upstream.exchange_tcp(server, exchange.query, exchange.data)
+        else:
+            answer = await self._upstream.exchange_udp(server, exchange.query, exchange.data)
+        self._metrics.upstream_latency.labels(exchange.client.protocol).observe(
+            time.monotonic() - started)
+        return answer
+
+    def _read(self, data: bytes, client: Client) -> wire.Query | None:
+        try:
+            query = wire.parse_query(data)
+        except wire.WireError:
+            return None
+        if query.header.qr:
+            return None  # a response sent to us: never answer it (no reflection loops)
+        return query
+
+    def _malformed_reply(self, data: bytes) -> bytes | None:
+        """FORMERR when the header can be read (and is a query), else drop. Counted either way."""
+        try:
+            header = wire.parse_header(data)
+        except wire.WireError:
+            self._metrics.malformed.labels("dropped").inc()
+            return None
+        if header.qr:
+            self._metrics.malformed.labels("dropped").inc()
+            return None
+        self._metrics.malformed.labels("formerr").inc()
+        return wire.formerr(header)
+
+    def _release(self, exchange: Exchange, answer: bytes, response: wire.Response) -> bytes:
+        reply = wire.with_id(answer, exchange.query.header.id)
+        rcode = response.header.rcode
+        self._count(exchange, "allowed", rcode)
+        self._audit.emit(self._record(
+            exchange, "answer", "allowed", exchange.decision.reason if exchange.decision else "",
+            rcode, response))
+        return reply
+
+    def _fail(self, exchange: Exchange, rcode: wire.Rcode | None, verdict: str,
+              reason: str) -> bytes | None:
+        """The one exit for every exchange the proxy ends itself; ``rcode`` None is silence."""
+        self._count(exchange, verdict, rcode)
+        self._audit.emit(self._record(exchange, "query", verdict, reason, rcode, None))
+        if rcode is None:
+            return None
+        return wire.build_reply(exchange.query, exchange.data, rcode)
+
+    def _count(self, exchange: Exchange, verdict: str, rcode: int | None) -> None:
+        m = self._metrics
+        protocol = exchange.client.protocol
+        m.queries.labels(verdict, metrics_mod.qtype_label(exchange.query.question.qtype),
+                         protocol).inc()
+        if rcode is not None:
+            m.answers.labels(metrics_mod.rcode_label(rcode)).inc()
+            m.total_latency.labels(protocol).observe(time.monotonic() - exchange.received)
+
+    def _record(self, exchange: Exchange, kind: str, verdict: str, reason: str,
+                rcode: int | None, response: wire.Response | None) -> AuditRecord:
+        question = exchange.query.question
+        client = exchange.client
+        return AuditRecord(
+            time=time.time(),
+            type=kind,
+            protocol=client.protocol,
+            source=(client.ip, client.port),
+            server=exchange.server,
+            query_name=question.name,
+            query_type=wire.qtype_name(question.qtype),
+            query_class=question.qclass,
+            query_id=exchange.query.header.id,
+            verdict=verdict,
+            reason=reason,
+            rcode=metrics_mod.rcode_label(rcode) if rcode is not None else None,
+            latency=time.monotonic() - exchange.received,
+            answers=tuple(
+                AnswerRecord(r.name, wire.qtype_name(r.rtype), r.ttl, r.data)
+                for r in response.records) if response is not None else (),
+            cnames=response.cnames if response is not None else (),
+        )
