@@ -381,7 +381,7 @@ def _presentation(labels: list[bytes]) -> str:
     joined = b".".join(labels).translate(_LOWER_OR_NUL)
     if b"\x00" not in joined and joined.count(b".") == len(labels) - 1:
         return joined.decode("ascii") + "."
-    return ".".join([_escape(label.lower()) for label in labels]) + "."
+    return ".".join([_escape(bytes(label).lower()) for label in labels]) + "."
 
 
 def _escape(label: bytes) -> str:
@@ -514,7 +514,7 @@ def _ipv6_text(packed: bytes) -> str:
     text = socket.inet_ntop(socket.AF_INET6, packed)
     # inet_ntop writes IPv4-mapped and -compatible addresses with a dotted tail; ipaddress does
     # not. Use one spelling so the cache and the allow map never hold two keys for one address.
-    return text if "." not in text else str(ipaddress.IPv6Address(packed))
+    return text if "." not in text else str(ipaddress.IPv6Address(bytes(packed)))
 
 
 def _follow_chain(qname: str, records: tuple[Record, ...]) -> tuple[tuple[str, ...], tuple[Address, ...]]:
