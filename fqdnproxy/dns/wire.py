@@ -128,7 +128,11 @@ class QType(IntEnum):
 
 
 _QTYPE_NAMES: Final = {member.value: member.name for member in QType}
-_KEPT_TYPES: Final = frozenset((QType.A, QType.AAAA, QType.CNAME))
+# Plain ints for the hot loops: comparing against an IntEnum member costs an attribute lookup.
+_TYPE_A: Final = int(QType.A)
+_TYPE_AAAA: Final = int(QType.AAAA)
+_TYPE_CNAME: Final = int(QType.CNAME)
+_KEPT_TYPES: Final = frozenset((_TYPE_A, _TYPE_AAAA, _TYPE_CNAME))
 
 
 def qtype_name(value: int) -> str:
@@ -253,6 +257,9 @@ _set_query_header, _set_query_question, _set_query_end = (
 _set_r_name, _set_r_type, _set_r_ttl, _set_r_data = (
     Record.__dict__[name].__set__ for name in ("name", "rtype", "ttl", "data")
 )
+_set_a_ip, _set_a_family, _set_a_ttl = (
+    Address.__dict__[name].__set__ for name in ("ip", "family", "ttl")
+)
 
 
 def _header(id_: int, flags: int, qd: int, an: int, ns: int, ar: int) -> Header:
@@ -295,6 +302,15 @@ def _record(name: str, rtype: int, ttl: int, data: str) -> Record:
     return record
 
 
+def _address(ip: str, family: int, ttl: int) -> Address:
+    """Build an Address quickly (see above)."""
+    address = _new(Address)
+    _set_a_ip(address, ip)
+    _set_a_family(address, family)
+    _set_a_ttl(address, ttl)
+    return address
+
+
 class _Cursor:
     """A read position in a message, with one method that does every bounds check."""
 
@@ -324,23 +340,24 @@ class _Cursor:
 def _read_labels(cur: _Cursor) -> list[bytes]:
     """Read the possibly compressed name at the cursor and leave the cursor just after it."""
     data = cur.data
+    take = cur.take
     labels: list[bytes] = []
     wire_len = 1  # the root label's zero byte
     limit = cur.pos  # a pointer must land strictly before this (dnspython's biggest_pointer)
     resume = -1  # where the name ends in the message, once a pointer has been followed
-    length = data[cur.take(1)]
+    length = data[take(1)]
     while length:
         if length < 0x40:
             wire_len += length + 1
             if wire_len > MAX_NAME_WIRE:
                 raise BadLabel(f"name longer than {MAX_NAME_WIRE} bytes", offset=cur.pos - 1)
             # One bounds check covers the label and the length byte of the next one.
-            start = cur.take(length + 1)
+            start = take(length + 1)
             labels.append(data[start : start + length])
             length = data[start + length]
         elif length >= 0xC0:
             at = cur.pos - 1
-            target = ((length & 0x3F) << 8) | data[cur.take(1)]
+            target = ((length & 0x3F) << 8) | data[take(1)]
             if target >= len(data):
                 raise BadPointer(f"pointer at {at} to {target}, outside the message", offset=at)
             if target >= limit:
@@ -348,7 +365,7 @@ def _read_labels(cur: _Cursor) -> list[bytes]:
             if resume < 0:
                 resume = cur.pos
             limit = cur.pos = target
-            length = data[cur.take(1)]
+            length = data[take(1)]
         else:
             raise BadLabel(f"reserved label type 0x{length & 0xC0:02x}", offset=cur.pos - 1)
     if resume >= 0:
@@ -396,7 +413,7 @@ def _read_name(cur: _Cursor) -> str:
 
 def _read_question(cur: _Cursor) -> Question:
     """Read one question entry at the cursor."""
-    name = _read_name(cur)
+    name = _presentation(_read_labels(cur))
     qtype, qclass = _QUESTION_FIXED.unpack_from(cur.data, cur.take(4))
     return _question(name, qtype, qclass)
 
@@ -486,7 +503,7 @@ def _read_answers(cur: _Cursor, count: int, qname: str | None) -> tuple[Record, 
             if target >= 0:
                 by_target[target] = owner
         text = _rdata_text(data, rtype, rdata_at, rdlength)
-        if rtype == QType.CNAME:
+        if rtype == _TYPE_CNAME:
             by_target[rdata_at] = text  # the next owner on the chain usually points here
         records.append(_record(owner, rtype, ttl, text))
     return tuple(records)
@@ -494,11 +511,11 @@ def _read_answers(cur: _Cursor, count: int, qname: str | None) -> tuple[Record, 
 
 def _rdata_text(data: bytes, rtype: int, at: int, length: int) -> str:
     """Return the text of an A, AAAA or CNAME record's data at ``at``."""
-    if rtype == QType.A:
+    if rtype == _TYPE_A:
         if length != 4:
             raise BadRdata(f"A record with {length} bytes of data", offset=at)
         return socket.inet_ntop(socket.AF_INET, data[at : at + 4])
-    if rtype == QType.AAAA:
+    if rtype == _TYPE_AAAA:
         if length != 16:
             raise BadRdata(f"AAAA record with {length} bytes of data", offset=at)
         return _ipv6_text(data[at : at + 16])
@@ -529,7 +546,7 @@ def _follow_chain(qname: str, records: tuple[Record, ...]) -> tuple[tuple[str, .
     """
     first_cname: dict[str, Record] = {}
     for record in records:
-        if record.rtype == QType.CNAME:
+        if record.rtype == _TYPE_CNAME:
             first_cname.setdefault(record.name, record)
     chain_ttl = {qname: MAX_TTL}  # name on the chain -> smallest TTL on the way to it
     cnames: list[str] = []
@@ -545,12 +562,12 @@ def _follow_chain(qname: str, records: tuple[Record, ...]) -> tuple[tuple[str, .
         cnames.append(name)
     best: dict[str, Address] = {}
     for record in records:
-        if record.rtype == QType.CNAME or record.name not in chain_ttl:
+        if record.rtype == _TYPE_CNAME or record.name not in chain_ttl:
             continue
         ttl = min(chain_ttl[record.name], _effective_ttl(record.ttl))
         seen = best.get(record.data)
         if seen is None or ttl > seen.ttl:
-            best[record.data] = Address(record.data, 4 if record.rtype == QType.A else 6, ttl)
+            best[record.data] = _address(record.data, 4 if record.rtype == _TYPE_A else 6, ttl)
     return tuple(cnames), tuple(best.values())
 
 

@@ -694,3 +694,19 @@ def test_property_mangled_messages_only_raise_wire_error(message, data):
     cut = data.draw(st.integers(0, len(raw)))
     _only_wire_errors(bytes(raw))
     _only_wire_errors(bytes(raw[:cut]))
+
+
+@pytest.mark.parametrize(
+    "cls, build",
+    [
+        (wire.Header, wire._header),
+        (wire.Question, wire._question),
+        (wire.Query, wire._query),
+        (wire.Record, wire._record),
+        (wire.Address, wire._address),
+    ],
+)
+def test_fast_builders_set_every_field(cls, build):
+    """The parsers' fast builders must stay in step with the dataclasses' fields."""
+    values = list(range(len(dataclasses.fields(cls))))
+    assert build(*values) == cls(*values)
