@@ -65,6 +65,45 @@ def _run(args: argparse.Namespace) -> int:
 
 def _add_policy_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """``fqdnproxy policy check|explain`` (policy issue)."""
+    policy = commands.add_parser("policy", help="check policies, explain a verdict")
+    verbs = policy.add_subparsers(title="policy commands", metavar="VERB")
+    policy.set_defaults(handler=lambda _args: policy.print_help() or ExitCode.USAGE)
+
+    check = verbs.add_parser("check", help="validate policy files; every problem is listed")
+    check.add_argument("paths", nargs="+", metavar="PATH", help="policy files or directories")
+    check.add_argument("--endpoints", metavar="FILE", help="also validate this endpoint inventory")
+    check.add_argument("--output", choices=("table", "json"), default="table")
+    check.set_defaults(handler=_policy_check)
+
+    explain = verbs.add_parser("explain", help="the verdict on one query of one endpoint, and why")
+    explain.add_argument("--policies", required=True, metavar="DIR", action="append",
+                         help="policy directory or file (repeatable)")
+    explain.add_argument("--endpoints", required=True, metavar="FILE", help="endpoint inventory")
+    explain.add_argument("--endpoint", required=True, metavar="NS/NAME", help="the querying endpoint")
+    explain.add_argument("--query", required=True, metavar="NAME", help="the DNS name asked")
+    explain.add_argument("--server", metavar="IP:PORT",
+                         help="the DNS server asked (default: the inventory's kube-dns, port 53)")
+    explain.add_argument("--protocol", choices=("udp", "tcp"), default="udp")
+    explain.add_argument("--output", choices=("table", "json"), default="table")
+    explain.set_defaults(handler=_policy_explain)
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    from fqdnproxy.policy import commands
+
+    result = commands.check(args.paths, args.endpoints)
+    print(commands.render_check(result, args.output))
+    return ExitCode.OK if result.ok else ExitCode.PROBLEMS_FOUND
+
+
+def _policy_explain(args: argparse.Namespace) -> int:
+    """Prints the verdict; exits 0 whether the query is allowed or denied (read ``verdict``)."""
+    from fqdnproxy.policy import commands
+
+    result = commands.explain(args.policies, args.endpoints, args.endpoint, args.query,
+                              args.server, args.protocol)
+    print(commands.render_explain(result, args.output))
+    return ExitCode.OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
