@@ -34,7 +34,7 @@ from fqdnproxy.dns import upstream as upstream_mod
 from fqdnproxy.dns import wire
 from fqdnproxy.dns.server import Client
 from fqdnproxy.observe import metrics as metrics_mod
-from fqdnproxy.observe.audit import AnswerRecord, AuditRecord, AuditSink
+from fqdnproxy.observe.audit import AuditRecord, AuditSink
 from fqdnproxy.observe.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,8 @@ class Proxy:
         self._decider: Decider = decider or AllowAll()
         self._learner: Learner = learner or NoLearning()
         self._in_flight = 0
+        # Read at scrape time: no gauge update on every query.
+        metrics.in_flight.set_function(lambda: self._in_flight)
 
     @property
     def in_flight(self) -> int:
@@ -144,28 +146,29 @@ class Proxy:
         query = self._read(data, client)
         if query is None:
             return self._malformed_reply(data)
-        exchange = Exchange(client, data, query, received)
         if self._in_flight >= self._settings.max_in_flight:
             self._metrics.overload.inc()
-            return self._fail(exchange, wire.Rcode.SERVFAIL, "overload", "in-flight cap reached")
+            return self._fail(Exchange(client, data, query, received), wire.Rcode.SERVFAIL,
+                              "overload", "in-flight cap reached")
         self._in_flight += 1
-        self._metrics.in_flight.inc()
+        exchange = None
         try:
+            server = self._router.server_for(client)
+            decision = self._decider.decide(client, query, server)
+            exchange = Exchange(client, data, query, received, server, decision)
             return await self._resolve(exchange)
         except Exception as error:  # the handler boundary: count, log, SERVFAIL
             self._metrics.handler_errors.inc()
             log.exception("handler failed for %s", query.question.name)
-            return self._fail(exchange, wire.Rcode.SERVFAIL, "error", f"internal error: {error}")
+            return self._fail(exchange or Exchange(client, data, query, received),
+                              wire.Rcode.SERVFAIL, "error", f"internal error: {error}")
         finally:
             self._in_flight -= 1
-            self._metrics.in_flight.dec()
 
     async def _resolve(self, exchange: Exchange) -> bytes | None:
-        query = exchange.query
-        server = self._router.server_for(exchange.client)
-        decision = self._decider.decide(exchange.client, query, server)
-        exchange = Exchange(exchange.client, exchange.data, query, exchange.received, server,
-                            decision)
+        decision = exchange.decision
+        assert decision is not None and exchange.server is not None
+        server = exchange.server
         if not decision.allowed:
             return self._fail(exchange, self._settings.deny_rcode, "denied", decision.reason)
         try:
@@ -194,7 +197,7 @@ class Proxy:
             answer = await self._upstream.exchange_tcp(server, exchange.query, exchange.data)
         else:
             answer = await self._upstream.exchange_udp(server, exchange.query, exchange.data)
-        self._metrics.upstream_latency.labels(exchange.client.protocol).observe(
+        self._metrics.child(self._metrics.upstream_latency, exchange.client.protocol).observe(
             time.monotonic() - started)
         return answer
 
@@ -241,11 +244,11 @@ class Proxy:
     def _count(self, exchange: Exchange, verdict: str, rcode: int | None) -> None:
         m = self._metrics
         protocol = exchange.client.protocol
-        m.queries.labels(verdict, metrics_mod.qtype_label(exchange.query.question.qtype),
-                         protocol).inc()
+        m.child(m.queries, verdict, metrics_mod.qtype_label(exchange.query.question.qtype),
+                protocol).inc()
         if rcode is not None:
-            m.answers.labels(metrics_mod.rcode_label(rcode)).inc()
-            m.total_latency.labels(protocol).observe(time.monotonic() - exchange.received)
+            m.child(m.answers, metrics_mod.rcode_label(rcode)).inc()
+            m.child(m.total_latency, protocol).observe(time.monotonic() - exchange.received)
 
     def _record(self, exchange: Exchange, kind: str, verdict: str, reason: str,
                 rcode: int | None, response: wire.Response | None) -> AuditRecord:
@@ -265,8 +268,6 @@ class Proxy:
             reason=reason,
             rcode=metrics_mod.rcode_label(rcode) if rcode is not None else None,
             latency=time.monotonic() - exchange.received,
-            answers=tuple(
-                AnswerRecord(r.name, wire.qtype_name(r.rtype), r.ttl, r.data)
-                for r in response.records) if response is not None else (),
+            answers=response.records if response is not None else (),
             cnames=response.cnames if response is not None else (),
         )

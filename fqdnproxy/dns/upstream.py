@@ -91,7 +91,7 @@ class _Pending:
 
     __slots__ = ("future", "question", "deadline", "owner", "query_id")
 
-    def __init__(self, future: asyncio.Future[bytes], question: wire.Question, deadline: float,
+    def __init__(self, future: asyncio.Future[bytes], question: bytes, deadline: float,
                  owner: _UpstreamSocket, query_id: int) -> None:
         self.future = future
         self.question = question
@@ -100,17 +100,29 @@ class _Pending:
         self.query_id = query_id
 
 
-def check_answer(data: bytes, query_id: int, question: wire.Question) -> str | None:
-    """Why ``data`` is not the answer to (``query_id``, ``question``), or None if it is."""
-    try:
-        answer = wire.parse_query(data)
-    except wire.WireError:
+def question_key(query: wire.Query, data: bytes) -> bytes:
+    """The query's question section, lowercased: what a genuine answer must echo.
+
+    Comparing raw bytes is exact and cheap: the question is the first name in the message, so
+    it can never be compressed, and DNS names compare case-insensitively in ASCII only
+    (RFC 4343), which is what ``bytes.lower`` does.
+    """
+    return data[wire.HEADER_SIZE:query.question_end].lower()
+
+
+def check_answer(data: bytes, query_id: int, question: bytes) -> str | None:
+    """Why ``data`` is not the answer to (``query_id``, ``question``), or None if it is.
+
+    ``question`` is ``question_key`` of the query asked.
+    """
+    end = wire.HEADER_SIZE + len(question)
+    if len(data) < end:
         return "unreadable"
-    if answer.header.id != query_id:
+    if (data[0] << 8) | data[1] != query_id:
         return "unknown_id"
-    if not answer.header.qr:
+    if not data[2] & 0x80:
         return "not_response"
-    if not wire.question_matches(answer.question, question):
+    if data[4:6] != b"\x00\x01" or data[wire.HEADER_SIZE:end].lower() != question:
         return "wrong_question"
     return None
 
@@ -262,8 +274,8 @@ class UpstreamClient:
         while query_id in sock.pending:
             query_id = self._random.next16()
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        pending = _Pending(future, query.question, time.monotonic() + self.settings.timeout,
-                           sock, query_id)
+        pending = _Pending(future, question_key(query, data),
+                           time.monotonic() + self.settings.timeout, sock, query_id)
         sock.pending[query_id] = pending
         self._deadlines.append(pending)
         assert sock.transport is not None
@@ -373,7 +385,7 @@ class UpstreamClient:
         finally:
             if writer is not None:
                 writer.close()
-        reason = check_answer(answer, query_id, query.question)
+        reason = check_answer(answer, query_id, question_key(query, data))
         if reason is not None:
             self.metrics.upstream_stray.labels(reason).inc()
             raise UpstreamBadAnswer(f"TCP answer rejected: {reason}")

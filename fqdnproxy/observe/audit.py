@@ -14,25 +14,16 @@ pod's DNS is worse.
 from __future__ import annotations
 
 import collections
-import json
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import IO, Any, Protocol
 
+import orjson
+
+from fqdnproxy.dns import wire
 from fqdnproxy.observe.metrics import Metrics
-
-
-@dataclass(frozen=True, slots=True)
-class AnswerRecord:
-    """One record of an answer section as the audit log shows it."""
-
-    name: str
-    type: str
-    ttl: int
-    data: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +43,7 @@ class AuditRecord:
     reason: str  # the rule that decided, or why the proxy answered itself
     rcode: str | None  # rcode released to the client; None when nothing was released
     latency: float  # seconds from receipt to release
-    answers: tuple[AnswerRecord, ...] = ()
+    answers: tuple[wire.Record, ...] = ()  # rendered by the writer thread, not the hot path
     cnames: tuple[str, ...] = ()
     endpoint: dict[str, Any] | None = None
 
@@ -71,7 +62,7 @@ class AuditRecord:
             "reason": self.reason,
             "rcode": self.rcode,
             "answers": [
-                {"name": a.name, "type": a.type, "ttl": a.ttl, "data": a.data}
+                {"name": a.name, "type": wire.qtype_name(a.rtype), "ttl": a.ttl, "data": a.data}
                 for a in self.answers
             ],
             "cnames": list(self.cnames),
@@ -79,9 +70,22 @@ class AuditRecord:
         }
 
 
-def _rfc3339(timestamp: float) -> str:
-    moment = datetime.fromtimestamp(timestamp, tz=timezone.utc)
-    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+class _Rfc3339:
+    """RFC 3339 UTC timestamps with microseconds; the date part is formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, timestamp: float) -> str:
+        second = int(timestamp)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((timestamp - second) * 1_000_000):06d}Z"
+
+
+_rfc3339 = _Rfc3339()  # only the writer thread renders records
 
 
 class AuditSink(Protocol):
@@ -159,11 +163,11 @@ class JsonLinesAuditLog:
         queue = self._queue
         lines = []
         while queue:
-            lines.append(json.dumps(queue.popleft().to_dict(), separators=(",", ":")))
+            lines.append(orjson.dumps(queue.popleft().to_dict()))
             written += 1
         if lines:
             try:
-                self._stream.write("\n".join(lines) + "\n")
+                self._stream.write(b"\n".join(lines).decode() + "\n")
                 self._stream.flush()
             except OSError:
                 # A full disk must not kill the writer; the lines are lost and counted.

@@ -7,6 +7,8 @@ short list of query types; never a name or an IP.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Query types that get their own label value; everything else is "other". Bounded on purpose.
@@ -36,9 +38,15 @@ def rcode_label(rcode: int) -> str:
 
 
 class Metrics:
-    """The agent's metrics. Attributes are prometheus-client collectors."""
+    """The agent's metrics. Attributes are prometheus-client collectors.
+
+    ``child(metric, *labels)`` is the hot path's way to a labelled series: it caches the child
+    that ``metric.labels(...)`` returns, which otherwise re-validates the labels on every call.
+    The cache is bounded because every label value is.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self._children: dict[tuple[object, ...], Any] = {}
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.queries = Counter(
@@ -85,3 +93,11 @@ class Metrics:
             "was full", registry=r)
         self.audit_queue = Gauge(
             "fqdnproxy_audit_queue_records", "Audit records waiting to be written", registry=r)
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached."""
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
