@@ -8,7 +8,8 @@
 The stages, in order (CoreDNS keeps this list in ``plugin.cfg``; we keep it here):
 
 1. read:    the wire fast path reads the header and the question; unreadable -> FORMERR if
-            the header could be read, else dropped. Both counted.
+            the header could be read, else dropped. Both counted. Opcodes other than QUERY
+            (NOTIFY, UPDATE, ...) get NOTIMP.
 2. admit:   the in-flight cap; past it SERVFAIL, counted.
 3. decide:  the ``Decider`` (policy engine; ``AllowAll`` until policies are wired in).
 4. forward: the ``UpstreamClient`` over the client's protocol, to the server the ``Router``
@@ -153,6 +154,9 @@ class Proxy:
         self._in_flight += 1
         exchange = None
         try:
+            if query.header.opcode != 0:
+                return self._fail(Exchange(client, data, query, received), wire.Rcode.NOTIMP,
+                                  "malformed", f"opcode {query.header.opcode} not supported")
             server = self._router.server_for(client)
             decision = self._decider.decide(client, query, server)
             exchange = Exchange(client, data, query, received, server, decision)

@@ -357,3 +357,11 @@ async def test_socket_closed_by_peer_is_harmless(rig: Rig) -> None:
     sock.close()
     await asyncio.sleep(0.1)
     assert await udp_query(rig.v4, question("still.test")) is not None
+
+
+async def test_other_opcodes_get_notimp(rig: Rig) -> None:
+    request = question("notify.test", qid=31)
+    request.header.opcode = 4  # NOTIFY
+    answer = await udp_query(rig.v4, request)
+    assert answer is not None and answer.header.rcode == 4 and answer.header.id == 31
+    assert not rig.upstream.received
