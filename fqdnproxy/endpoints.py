@@ -38,6 +38,7 @@ from fqdnproxy.errors import FqdnproxyError
 from fqdnproxy.policy import model
 
 Kind = Literal["workload", "service"]
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 LABEL_SOURCES = ("k8s", "container", "unspec")
 MAX_ID = 2**32 - 1
 _DERIVED_ID_BASE = 1 << 16  # derived ids live in [65536, 2**31); pick explicit ids below 65536
@@ -171,7 +172,7 @@ def parse_inventory(label: str, text: str) -> EndpointRegistry:
     """Parse inventory YAML text; ``label`` names the file in messages. Raises: EndpointsError."""
     problems: list[str] = []
     try:
-        documents = list(yaml.safe_load_all(text))
+        documents = list(yaml.load_all(text, Loader=_LOADER))
     except yaml.YAMLError as error:
         raise EndpointsError([f"{label}: invalid YAML: {_yaml_problem(error)}"]) from None
     endpoints: list[Endpoint] = []

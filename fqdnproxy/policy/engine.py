@@ -126,6 +126,7 @@ class EndpointPolicy:
             self._deny_decisions.append(Decision(False, ref, f"denied by egressDeny toFQDNs {selector}"))
         self._deny.freeze()
         self._views: dict[tuple[str, int, str], _DnsView] = {}
+        self._matchers: dict[tuple[tuple[int, int], ...], tuple[match.NameMatcher, list[Decision]]] = {}
         self._ports: dict[frozenset[int], PortSet] = {}
 
     def decide(self, server_ip: str, port: int, protocol: str, name: str) -> Decision:
@@ -171,6 +172,13 @@ class EndpointPolicy:
         """The toFQDNs selectors (as rule references) that select ``name``, in file order."""
         return tuple(self.fqdn_rules[i][0] for i in sorted(self._fqdn.match(name)))
 
+    def warm(self, servers: Iterable[str], port: int = 53) -> None:
+        """Build the DNS views of ``servers`` now (UDP and TCP), so no query pays for compiling."""
+        if self.enforced:
+            for server in servers:
+                for protocol in ("UDP", "TCP"):
+                    self._view(server, port, protocol)
+
     def _view(self, server_ip: str, port: int, protocol: str) -> _DnsView:
         view = _DnsView()
         try:
@@ -178,35 +186,48 @@ class EndpointPolicy:
         except ValueError:
             address = None
         proto = protocol.upper()
+        applicable: list[tuple[int, int]] = []
         if address is not None:
             for deny in self.denies:
                 if deny.covers(address) and deny.ports.covers(port, proto):
                     view.denied = Decision(False, deny.ref, f"denied by egressDeny: {server_ip} port "
                                            f"{port}/{proto} is denied")
                     break
-            for rule in self._dns_rules:
+            for index, rule in enumerate(self._dns_rules):
                 if not any(peer.covers(address) for peer in rule.peers):
                     continue
                 for i, port_rule in enumerate(rule.port_rules):
                     if not port_rule.ports.covers(port, proto):
                         continue
-                    base = f"{rule.ref.path}.toPorts[{i}]" if rule.explicit_ports else rule.ref.path
                     if not port_rule.dns:
                         if view.all_names is None:
-                            ref = RuleRef(rule.ref.file, rule.ref.document, base, rule.ref.policy)
                             why = "no rules.dns" if port_rule.dns is None else "empty rules.dns"
-                            view.all_names = Decision(True, ref, f"allowed: {why}, every name")
+                            view.all_names = Decision(True, self._port_rule_ref(rule, i), f"allowed: {why}, every name")
                         continue
-                    for j, selector in enumerate(port_rule.dns):
-                        ref = RuleRef(rule.ref.file, rule.ref.document, f"{base}.rules.dns[{j}]",
-                                      rule.ref.policy)
-                        view.matcher.add_pattern(selector.normalized, len(view.decisions))
-                        view.decisions.append(Decision(True, ref, f"allowed by rules.dns {selector}"))
-        view.matcher.freeze()
+                    applicable.append((index, i))
+        # Servers reached through the same rules share one compiled matcher.
+        key = tuple(applicable)
+        shared = self._matchers.get(key)
+        if shared is None:
+            matcher, decisions = match.NameMatcher(), []
+            for index, i in applicable:
+                rule = self._dns_rules[index]
+                base = self._port_rule_ref(rule, i)
+                for j, selector in enumerate(rule.port_rules[i].dns or ()):
+                    ref = RuleRef(base.file, base.document, f"{base.path}.rules.dns[{j}]", base.policy)
+                    matcher.add_pattern(selector.normalized, len(decisions))
+                    decisions.append(Decision(True, ref, f"allowed by rules.dns {selector}"))
+            shared = self._matchers[key] = (matcher.freeze(), decisions)
+        view.matcher, view.decisions = shared
         if len(self._views) >= _DNS_CACHE_SIZE:
             self._views.clear()
         self._views[(server_ip, port, protocol)] = view
         return view
+
+    @staticmethod
+    def _port_rule_ref(rule: _DnsRule, index: int) -> RuleRef:
+        path = f"{rule.ref.path}.toPorts[{index}]" if rule.explicit_ports else rule.ref.path
+        return RuleRef(rule.ref.file, rule.ref.document, path, rule.ref.policy)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -232,8 +253,10 @@ class PolicyEngine:
         self.registry = registry
         self._peer_ips: dict[int, frozenset[str]] = {}
         self._by_id: dict[int, EndpointPolicy] = {}
+        dns_servers = [ip for ep in registry if ep.kind == "service" for ip in ep.ips]
         for endpoint in registry.workloads():
-            self._by_id[endpoint.id] = self._compile(endpoint)
+            compiled = self._by_id[endpoint.id] = self._compile(endpoint)
+            compiled.warm(dns_servers)
 
     def for_endpoint(self, endpoint: endpoints.Endpoint) -> EndpointPolicy:
         """The compiled policy of ``endpoint`` (compiled now if it is not in the registry)."""

@@ -163,18 +163,6 @@ def parse_text(label: str, text: str) -> LoadReport:
     policies: list[model.Policy] = []
     errors: list[Problem] = []
     warnings: list[Problem] = []
-    if _is_inventory(text):
-        # An endpoint inventory kept beside the policies (policies/endpoints.demo.yaml): check it
-        # as one, so a directory of policies and their inventory loads without noise.
-        from fqdnproxy import endpoints  # here: endpoints imports policy.model
-
-        try:
-            endpoints.parse_inventory(label, text)
-        except endpoints.EndpointsError as error:
-            return LoadReport(errors=tuple(Problem(label, None, "", p.removeprefix(f"{label}: "))
-                                           for p in error.problems), files=(label,))
-        note = Problem(label, None, "", "an endpoint inventory, not policies: checked as one, loads no policy")
-        return LoadReport(warnings=(note,), files=(label,))
     number = 0
     documents = yaml.load_all(text, Loader=_StrictLoader)
     while True:
@@ -188,24 +176,29 @@ def parse_text(label: str, text: str) -> LoadReport:
             break
         if raw is None:
             continue
+        if not policies and not errors and isinstance(raw, dict) and set(raw) == {"endpoints"}:
+            return _inventory_report(label, text)
         doc = _Document(label, number, errors, warnings)
         policies.extend(doc.parse(raw))
     return LoadReport(tuple(policies), tuple(errors), tuple(warnings), (label,))
 
 
-def _is_inventory(text: str) -> bool:
-    """Whether the file's first document is an endpoint inventory (one field: endpoints)."""
+def _inventory_report(label: str, text: str) -> LoadReport:
+    """An endpoint inventory kept beside the policies (policies/endpoints.demo.yaml) is checked
+    as one, so a directory of policies and their inventory loads without noise."""
+    from fqdnproxy import endpoints  # here: endpoints imports policy.model
+
     try:
-        for document in yaml.safe_load_all(text):
-            if document is not None:
-                return isinstance(document, dict) and set(document) == {"endpoints"}
-    except yaml.YAMLError:
-        return False
-    return False
+        endpoints.parse_inventory(label, text)
+    except endpoints.EndpointsError as error:
+        return LoadReport(errors=tuple(Problem(label, None, "", p.removeprefix(f"{label}: "))
+                                       for p in error.problems), files=(label,))
+    note = Problem(label, None, "", "an endpoint inventory, not policies: checked as one, loads no policy")
+    return LoadReport(warnings=(note,), files=(label,))
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently)."""
+class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """SafeLoader (libyaml's when present) refusing duplicate keys (PyYAML keeps the last silently)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()

@@ -106,8 +106,17 @@ def to_regex(pattern: str) -> str:
 
 @dataclass(slots=True)
 class _Glob:
-    regex: re.Pattern[str]
+    """A label with ``*`` inside (``api-*``); its regex is compiled on first use."""
+
+    text: str
     node: "_Node"
+    _regex: re.Pattern[str] | None = None
+
+    def fullmatch(self, label: str) -> bool:
+        if self._regex is None:
+            self._regex = re.compile("".join(
+                f"{_LABEL_CLASS}*" if part == "*" else re.escape(part) for part in re.split(r"(\*)", self.text)))
+        return self._regex.fullmatch(label) is not None
 
 
 @dataclass(slots=True)
@@ -154,16 +163,16 @@ class _Node:
             if length > size:
                 break
             for glob in self.by_prefix.get(label[:length], ()):
-                if glob.regex.fullmatch(label):
+                if glob.fullmatch(label):
                     yield glob.node
         for length in self.suffix_lengths:
             if length > size:
                 break
             for glob in self.by_suffix.get(label[size - length:], ()):
-                if glob.regex.fullmatch(label):
+                if glob.fullmatch(label):
                     yield glob.node
         for glob in self.inner:
-            if glob.regex.fullmatch(label):
+            if glob.fullmatch(label):
                 yield glob.node
 
 
@@ -213,11 +222,7 @@ class NameMatcher:
                 label = _STAR_RUN.sub("*", label)
                 glob = node.globs.get(label)
                 if glob is None:
-                    regex = "".join(
-                        f"{_LABEL_CLASS}*" if part == "*" else re.escape(part)
-                        for part in re.split(r"(\*)", label)
-                    )
-                    glob = node.globs[label] = _Glob(re.compile(regex), _Node())
+                    glob = node.globs[label] = _Glob(label, _Node())
                 node = glob.node
         (node.multi if multi else node.end).append(value)
         self._has_trie = True
