@@ -71,10 +71,11 @@ class Metrics:
             "answer", ["protocol"], buckets=LATENCY_BUCKETS, registry=r)
         self.upstream_errors = Counter(
             "fqdnproxy_upstream_errors", "Upstream exchanges that failed, by reason "
-            "(timeout, unreachable, reset, bad_answer)", ["reason"], registry=r)
+            "(timeout; unreachable: ICMP error, refused or reset; bad_answer)", ["reason"], registry=r)
         self.upstream_stray = Counter(
-            "fqdnproxy_upstream_stray_answers", "Upstream messages dropped: wrong source, "
-            "unknown ID, wrong question, not a response, unreadable", ["reason"], registry=r)
+            "fqdnproxy_upstream_stray_answers", "Upstream messages dropped, by reason: "
+            "unknown_id, wrong_question, not_response, unreadable (answers from another address "
+            "never reach the proxy: its upstream sockets are connected)", ["reason"], registry=r)
         self.upstream_sockets = Gauge(
             "fqdnproxy_upstream_sockets", "Open upstream UDP sockets", registry=r)
         self.upstream_rotations = Counter(
@@ -84,7 +85,7 @@ class Metrics:
             "fqdnproxy_tcp_connections", "Open client TCP connections", registry=r)
         self.tcp_closed = Counter(
             "fqdnproxy_tcp_connections_closed", "Client TCP connections closed by the proxy, "
-            "by reason (limit, idle, stalled, oversized)", ["reason"], registry=r)
+            "by reason (limit, idle, stalled)", ["reason"], registry=r)
         self.handler_errors = Counter(
             "fqdnproxy_handler_errors", "Unexpected exceptions caught at the handler boundary "
             "(answered SERVFAIL)", registry=r)
