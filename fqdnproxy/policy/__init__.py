@@ -2,10 +2,12 @@
 
 Modules, in the order data flows::
 
-    policies/*.yaml ──load.py──> model.PolicySet ──┐
-    endpoints.yaml ──endpoints.py──> Registry ─────┴─engine.py──> EndpointPolicy (per endpoint)
-                                                     (match.py)     .decide(server, port, proto, name)
+    policies/*.yaml ──load.py (document.py)──> model.PolicySet ──┐
+    endpoints.yaml ──endpoints.py──> Registry ───────────────────┴─engine.py──> EndpointPolicy
+                                                   (match.py)  .decide(server, port, proto, name)
+                                                               .select(name) -> PortSet | None
     reload.py: watches both, validates, swaps atomically, reports changed selections
+    commands.py: the bodies of ``fqdnproxy policy check`` and ``fqdnproxy policy explain``
 
 Rule semantics (Cilium's, see DESIGN.md "Policy semantics")
 ------------------------------------------------------------
