@@ -136,28 +136,33 @@ class _TcpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._transport is None:
             return
-        now = time.monotonic()
-        self.last_activity = now
+        self.last_activity = time.monotonic()
+        self._buffer += data
+        self._dispatch_buffered()
+
+    def _dispatch_buffered(self) -> None:
+        """Hand every complete message on, up to the per-connection in-flight cap."""
         buffer = self._buffer
-        buffer += data
-        while len(buffer) >= 2:
+        cap = self._listener.limits.tcp_max_queries_per_connection
+        while len(buffer) >= 2 and self._in_flight < cap:
             (length,) = struct.unpack_from("!H", buffer)
             if len(buffer) < 2 + length:
                 break
             message = bytes(buffer[2:2 + length])
             del buffer[:2 + length]
-            self._dispatch(message)
-        self.partial_since = (self.partial_since or now) if buffer else None
-
-    def _dispatch(self, message: bytes) -> None:
-        assert self._client is not None
-        self._in_flight += 1
-        if self._in_flight >= self._listener.limits.tcp_max_queries_per_connection:
+            self._in_flight += 1
+            assert self._client is not None
+            self._listener.tasks.spawn(self._serve(message, self._client))
+        if self._in_flight >= cap and not self._paused and self._transport is not None:
             # Back-pressure, not a drop: stop reading until answers go out.
             self._paused = True
-            assert self._transport is not None
             self._transport.pause_reading()
-        self._listener.tasks.spawn(self._serve(message, self._client))
+        # Only an incomplete message can stall; complete ones waiting for the cap cannot.
+        incomplete = bool(buffer) and self._in_flight < cap
+        if not incomplete:
+            self.partial_since = None
+        elif self.partial_since is None:
+            self.partial_since = time.monotonic()
 
     async def _serve(self, message: bytes, client: Client) -> None:
         try:
@@ -176,6 +181,7 @@ class _TcpConnection(asyncio.Protocol):
         if self._paused and self._in_flight < self._listener.limits.tcp_max_queries_per_connection:
             self._paused = False
             transport.resume_reading()
+            self._dispatch_buffered()
 
     def close(self) -> None:
         if self._transport is not None:

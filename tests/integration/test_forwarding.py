@@ -365,3 +365,22 @@ async def test_other_opcodes_get_notimp(rig: Rig) -> None:
     answer = await udp_query(rig.v4, request)
     assert answer is not None and answer.header.rcode == 4 and answer.header.id == 31
     assert not rig.upstream.received
+
+
+async def test_tcp_per_connection_cap_is_back_pressure_not_loss() -> None:
+    rig = await make_rig(limits=server_mod.ListenerLimits(tcp_max_queries_per_connection=2))
+    try:
+        rig.upstream.behave("slow.test.", Behaviour(delay=0.3))
+        reader, writer = await asyncio.open_connection(*rig.v4)
+        payload = b"".join(
+            struct.pack("!H", len(d)) + d
+            for d in (question("slow.test", qid=i).pack() for i in range(6)))
+        writer.write(payload)  # six queries in one segment
+        await asyncio.sleep(0.15)
+        assert rig.proxy.in_flight == 2  # the rest wait in the buffer, unread
+        ids = sorted([DNSRecord.parse(await read_tcp_message(reader, 5.0)).header.id
+                      for _ in range(6)])
+        assert ids == list(range(6))
+        writer.close()
+    finally:
+        await close_rig(rig)
