@@ -233,17 +233,16 @@ class Proxy:
         self._count(exchange, "allowed", rcode)
         self._audit.emit(self._record(
             exchange, "answer", "allowed", exchange.decision.reason if exchange.decision else "",
-            rcode, response))
+            rcode, response, reply))
         return reply
 
     def _fail(self, exchange: Exchange, rcode: wire.Rcode | None, verdict: str,
               reason: str) -> bytes | None:
         """The one exit for every exchange the proxy ends itself; ``rcode`` None is silence."""
         self._count(exchange, verdict, rcode)
-        self._audit.emit(self._record(exchange, "query", verdict, reason, rcode, None))
-        if rcode is None:
-            return None
-        return wire.build_reply(exchange.query, exchange.data, rcode)
+        reply = wire.build_reply(exchange.query, exchange.data, rcode) if rcode is not None else None
+        self._audit.emit(self._record(exchange, "query", verdict, reason, rcode, None, reply))
+        return reply
 
     def _count(self, exchange: Exchange, verdict: str, rcode: int | None) -> None:
         m = self._metrics
@@ -255,7 +254,8 @@ class Proxy:
             m.child(m.total_latency, protocol).observe(time.monotonic() - exchange.received)
 
     def _record(self, exchange: Exchange, kind: str, verdict: str, reason: str,
-                rcode: int | None, response: wire.Response | None) -> AuditRecord:
+                rcode: int | None, response: wire.Response | None,
+                reply: bytes | None) -> AuditRecord:
         question = exchange.query.question
         client = exchange.client
         return AuditRecord(
@@ -274,4 +274,6 @@ class Proxy:
             latency=time.monotonic() - exchange.received,
             answers=response.records if response is not None else (),
             cnames=response.cnames if response is not None else (),
+            query_message=exchange.data,
+            response_message=reply,
         )

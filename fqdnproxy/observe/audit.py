@@ -46,6 +46,9 @@ class AuditRecord:
     answers: tuple[wire.Record, ...] = ()  # rendered by the writer thread, not the hot path
     cnames: tuple[str, ...] = ()
     endpoint: dict[str, Any] | None = None
+    # The messages as the client sent and received them (client's ID), for dnstap; not in JSON.
+    query_message: bytes = b""
+    response_message: bytes | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object written to the log (ECS mapping in the README)."""
@@ -93,6 +96,23 @@ class AuditSink(Protocol):
 
     def emit(self, record: AuditRecord) -> None:
         """Queue one record; never blocks."""
+
+
+class TeeAuditSink:
+    """Hands each record to several sinks (JSON lines and dnstap, say)."""
+
+    def __init__(self, *sinks: AuditSink) -> None:
+        self._sinks = sinks
+
+    def emit(self, record: AuditRecord) -> None:
+        for sink in self._sinks:
+            sink.emit(record)
+
+    def close(self) -> None:
+        for sink in self._sinks:
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()
 
 
 class NullAuditSink:
