@@ -1,0 +1,261 @@
+"""The per-endpoint FQDN cache: which IPs each endpoint learned for each name, until when.
+
+    endpoint id -> name -> IP -> expiry (kernel monotonic ns)
+
+Learned IPs are per endpoint, never node-wide: endpoint B never reaches an IP that only endpoint
+A looked up (DESIGN.md step 6). The cache is pure: no sockets, no kernel; callers pass ``now``.
+
+What it is for:
+- the learn stage asks it for the effective expiry of every (endpoint, IP) an answer touched (a
+  repeat lookup never shortens a lifetime: the expiry kept is the later of the old and the new);
+- policy changes re-evaluate cached names (which names has this endpoint resolved?);
+- garbage collection finds expired entries in order of expiry, a bounded number per call;
+- the snapshot makes entries survive a restart.
+
+Caps, each with an eviction rule and a counter in ``evictions``:
+- ``max_ips_per_name``: the IP that expires soonest goes first;
+- ``max_names_per_endpoint``: the least recently looked-up name goes first;
+- ``max_entries`` (all endpoints): the entry that expires soonest goes first.
+
+Complexity: ``learn`` is O(k log n) for k addresses (a heap push each); ``expire`` is O(e log n)
+for e entries removed (plus stale heap items skipped); eviction by name is O(1) (names are kept in
+look-up order). The expiry heap holds one item per (re)learned entry; items made stale by a later
+refresh are skipped when popped, and the heap is rebuilt when stale items outnumber live ones, so
+its size stays within twice the entry count.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+RESTORED = "restored"  # source of entries found in the pinned map but not in the snapshot
+LOOKUP = "lookup"
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLimits:
+    """The caps; see ``config.CacheConfig`` for the documented defaults."""
+
+    max_ips_per_name: int = 1_000
+    max_names_per_endpoint: int = 10_000
+    max_entries: int = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """One learned (endpoint, name, IP) and when it expires."""
+
+    endpoint_id: int
+    name: str
+    ip: str
+    expiry_ns: int
+    source: str = LOOKUP
+
+
+@dataclass
+class _Endpoint:
+    # name -> ip -> expiry; dict order is look-up order (least recent first)
+    names: dict[str, dict[str, int]] = field(default_factory=dict)
+    # ip -> names holding it, to answer "what holds this IP" in O(1)
+    holders: dict[str, set[str]] = field(default_factory=dict)
+
+
+class FqdnCache:
+    """Per-endpoint name -> IP -> expiry, with caps. Not thread-safe: one event loop owns it."""
+
+    def __init__(self, limits: CacheLimits = CacheLimits()) -> None:
+        self.limits = limits
+        self._endpoints: dict[int, _Endpoint] = {}
+        self._heap: list[tuple[int, int, str, str]] = []  # (expiry, endpoint, name, ip)
+        self._entries = 0
+        self.evictions: dict[str, int] = {"ips_per_name": 0, "names_per_endpoint": 0,
+                                           "entries": 0}
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """The number of (endpoint, name, IP) entries."""
+        return self._entries
+
+    def endpoint_ids(self) -> list[int]:
+        return list(self._endpoints)
+
+    def names(self, endpoint_id: int) -> list[str]:
+        """The names ``endpoint_id`` has resolved (restored entries under ``RESTORED``)."""
+        endpoint = self._endpoints.get(endpoint_id)
+        return list(endpoint.names) if endpoint else []
+
+    def name_count(self) -> int:
+        return sum(len(e.names) for e in self._endpoints.values())
+
+    def ips(self, endpoint_id: int, name: str) -> dict[str, int]:
+        """IP -> expiry learned by ``endpoint_id`` for ``name`` (a copy)."""
+        endpoint = self._endpoints.get(endpoint_id)
+        if endpoint is None:
+            return {}
+        return dict(endpoint.names.get(name, {}))
+
+    def holders(self, endpoint_id: int, ip: str) -> dict[str, int]:
+        """name -> expiry of every name under which ``endpoint_id`` learned ``ip``."""
+        endpoint = self._endpoints.get(endpoint_id)
+        if endpoint is None:
+            return {}
+        return {name: endpoint.names[name][ip] for name in endpoint.holders.get(ip, ())}
+
+    def entries(self, endpoint_id: int | None = None) -> Iterator[CacheEntry]:
+        """Every entry (of one endpoint, or all)."""
+        ids = [endpoint_id] if endpoint_id is not None else list(self._endpoints)
+        for eid in ids:
+            endpoint = self._endpoints.get(eid)
+            if endpoint is None:
+                continue
+            for name, ips in endpoint.names.items():
+                source = RESTORED if name == RESTORED else LOOKUP
+                for ip, expiry in ips.items():
+                    yield CacheEntry(eid, name, ip, expiry, source)
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def learn(self, endpoint_id: int, name: str, addresses: Iterable[tuple[str, int]]
+              ) -> set[str]:
+        """Record ``addresses`` ((ip, expiry_ns) pairs) under ``name`` for ``endpoint_id``.
+
+        An IP already known under the name keeps the later of its two expiries. Returns every IP
+        of this endpoint whose holders or expiry may have changed (learned or evicted), for the
+        caller to rewrite in the allow map.
+        """
+        endpoint = self._endpoints.get(endpoint_id)
+        if endpoint is None:
+            endpoint = self._endpoints[endpoint_id] = _Endpoint()
+        ips = endpoint.names.pop(name, None)  # re-inserted below: most recently looked up
+        touched: set[str] = set()
+        if ips is None:
+            ips = {}
+            if len(endpoint.names) >= self.limits.max_names_per_endpoint:
+                touched |= self._evict_name(endpoint_id, endpoint)
+        endpoint.names[name] = ips
+        heap = self._heap
+        for ip, expiry in addresses:
+            old = ips.get(ip)
+            if old is None:
+                ips[ip] = expiry
+                endpoint.holders.setdefault(ip, set()).add(name)
+                self._entries += 1
+            elif expiry > old:
+                ips[ip] = expiry
+            else:
+                continue
+            heapq.heappush(heap, (expiry, endpoint_id, name, ip))
+            touched.add(ip)
+        if len(ips) > self.limits.max_ips_per_name:
+            touched |= self._evict_soonest_ips(endpoint_id, endpoint, name)
+        while self._entries > self.limits.max_entries:
+            touched |= self._evict_soonest_entry()
+        self._maybe_compact()
+        return touched
+
+    def remove_endpoint(self, endpoint_id: int) -> set[str]:
+        """Forget everything ``endpoint_id`` learned; returns its IPs."""
+        endpoint = self._endpoints.pop(endpoint_id, None)
+        if endpoint is None:
+            return set()
+        self._entries -= sum(len(ips) for ips in endpoint.names.values())
+        return set(endpoint.holders)
+
+    def remove_name(self, endpoint_id: int, name: str) -> set[str]:
+        """Forget one name of one endpoint (``cache clean``); returns the IPs it held."""
+        endpoint = self._endpoints.get(endpoint_id)
+        if endpoint is None or name not in endpoint.names:
+            return set()
+        return self._drop_name(endpoint, name)
+
+    def expire(self, now_ns: int, budget: int) -> list[tuple[int, str]]:
+        """Remove up to ``budget`` entries expired at ``now_ns``, soonest first.
+
+        Returns the (endpoint, IP) pairs that lost a holder, for the caller to rewrite or delete.
+        Bounded work per call is what keeps garbage collection from holding the event loop.
+        """
+        touched: list[tuple[int, str]] = []
+        heap = self._heap
+        while heap and budget > 0 and heap[0][0] <= now_ns:
+            expiry, endpoint_id, name, ip = heapq.heappop(heap)
+            if self._remove_if_current(endpoint_id, name, ip, expiry):
+                touched.append((endpoint_id, ip))
+                budget -= 1
+        return touched
+
+    def next_expiry(self) -> int | None:
+        """The earliest expiry in the heap (possibly stale), or None when empty."""
+        return self._heap[0][0] if self._heap else None
+
+    # --- eviction -----------------------------------------------------------------------------
+
+    def _evict_name(self, endpoint_id: int, endpoint: _Endpoint) -> set[str]:
+        oldest = next(iter(endpoint.names))
+        self.evictions["names_per_endpoint"] += 1
+        return self._drop_name(endpoint, oldest)
+
+    def _evict_soonest_ips(self, endpoint_id: int, endpoint: _Endpoint, name: str) -> set[str]:
+        ips = endpoint.names[name]
+        excess = len(ips) - self.limits.max_ips_per_name
+        doomed = heapq.nsmallest(excess, ips.items(), key=lambda item: item[1])
+        for ip, _ in doomed:
+            self._unlink(endpoint, name, ip)
+        self.evictions["ips_per_name"] += excess
+        return {ip for ip, _ in doomed}
+
+    def _evict_soonest_entry(self) -> set[str]:
+        while self._heap:
+            expiry, endpoint_id, name, ip = heapq.heappop(self._heap)
+            if self._remove_if_current(endpoint_id, name, ip, expiry):
+                self.evictions["entries"] += 1
+                return {ip}
+        return set()
+
+    def _drop_name(self, endpoint: _Endpoint, name: str) -> set[str]:
+        ips = list(endpoint.names[name])
+        for ip in ips:
+            self._unlink(endpoint, name, ip)
+        endpoint.names.pop(name, None)
+        return set(ips)
+
+    def _remove_if_current(self, endpoint_id: int, name: str, ip: str, expiry: int) -> bool:
+        endpoint = self._endpoints.get(endpoint_id)
+        if endpoint is None:
+            return False
+        ips = endpoint.names.get(name)
+        if ips is None or ips.get(ip) != expiry:
+            return False  # stale heap item: refreshed, evicted or removed since
+        self._unlink(endpoint, name, ip)
+        if not ips:
+            del endpoint.names[name]
+        if not endpoint.names:
+            del self._endpoints[endpoint_id]
+        return True
+
+    def _unlink(self, endpoint: _Endpoint, name: str, ip: str) -> None:
+        del endpoint.names[name][ip]
+        names = endpoint.holders[ip]
+        names.discard(name)
+        if not names:
+            del endpoint.holders[ip]
+        self._entries -= 1
+
+    def _maybe_compact(self) -> None:
+        if len(self._heap) > 2 * self._entries + 1024:
+            self._heap = [(expiry, eid, name, ip) for eid, e in self._endpoints.items()
+                          for name, ips in e.names.items() for ip, expiry in ips.items()]
+            heapq.heapify(self._heap)
+
+    # --- snapshot -----------------------------------------------------------------------------
+
+    def restore(self, entries: Iterable[CacheEntry]) -> int:
+        """Load entries (from a snapshot or the pinned map); returns how many were added."""
+        added = 0
+        for entry in entries:
+            before = self._entries
+            self.learn(entry.endpoint_id, entry.name, [(entry.ip, entry.expiry_ns)])
+            added += self._entries - before
+        return added

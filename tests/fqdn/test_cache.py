@@ -1,0 +1,96 @@
+"""fqdn/cache.py: per-endpoint learned IPs, expiry, caps and eviction."""
+
+from __future__ import annotations
+
+from fqdnproxy.fqdn.cache import CacheLimits, FqdnCache
+
+S = 1_000_000_000  # one second in ns
+
+
+def test_learn_and_read_back_per_endpoint() -> None:
+    cache = FqdnCache()
+    assert cache.learn(1, "api.test.", [("192.0.2.1", 10 * S), ("192.0.2.2", 20 * S)]) == {
+        "192.0.2.1", "192.0.2.2"}
+    assert cache.ips(1, "api.test.") == {"192.0.2.1": 10 * S, "192.0.2.2": 20 * S}
+    assert cache.ips(2, "api.test.") == {}  # endpoint 2 learned nothing
+    assert len(cache) == 2 and cache.names(1) == ["api.test."]
+
+
+def test_a_repeat_lookup_never_shortens_a_lifetime() -> None:
+    cache = FqdnCache()
+    cache.learn(1, "api.test.", [("192.0.2.1", 30 * S)])
+    assert cache.learn(1, "api.test.", [("192.0.2.1", 10 * S)]) == set()  # nothing changed
+    assert cache.ips(1, "api.test.") == {"192.0.2.1": 30 * S}
+    cache.learn(1, "api.test.", [("192.0.2.1", 40 * S)])
+    assert cache.ips(1, "api.test.") == {"192.0.2.1": 40 * S}
+    assert len(cache) == 1
+
+
+def test_holders_index_an_ip_under_several_names() -> None:
+    cache = FqdnCache()
+    cache.learn(1, "a.test.", [("192.0.2.1", 10 * S)])
+    cache.learn(1, "b.test.", [("192.0.2.1", 20 * S)])
+    assert cache.holders(1, "192.0.2.1") == {"a.test.": 10 * S, "b.test.": 20 * S}
+    assert cache.holders(2, "192.0.2.1") == {}
+
+
+def test_expire_is_bounded_and_in_order_and_skips_refreshed_entries() -> None:
+    cache = FqdnCache()
+    for i in range(10):
+        cache.learn(1, f"n{i}.test.", [(f"192.0.2.{i}", (i + 1) * S)])
+    cache.learn(1, "n0.test.", [("192.0.2.0", 100 * S)])  # refreshed: its old heap item is stale
+    assert cache.expire(5 * S, budget=3) == [(1, "192.0.2.1"), (1, "192.0.2.2"), (1, "192.0.2.3")]
+    assert cache.expire(5 * S, budget=100) == [(1, "192.0.2.4")]
+    assert len(cache) == 6
+    assert cache.ips(1, "n0.test.") == {"192.0.2.0": 100 * S}
+
+
+def test_ips_per_name_cap_evicts_the_soonest_to_expire() -> None:
+    cache = FqdnCache(CacheLimits(max_ips_per_name=3))
+    cache.learn(1, "many.test.", [(f"192.0.2.{i}", (10 - i) * S) for i in range(5)])
+    assert cache.ips(1, "many.test.") == {"192.0.2.0": 10 * S, "192.0.2.1": 9 * S,
+                                           "192.0.2.2": 8 * S}
+    assert cache.evictions["ips_per_name"] == 2 and len(cache) == 3
+
+
+def test_names_per_endpoint_cap_evicts_the_least_recently_looked_up() -> None:
+    cache = FqdnCache(CacheLimits(max_names_per_endpoint=2))
+    cache.learn(1, "a.test.", [("192.0.2.1", 10 * S)])
+    cache.learn(1, "b.test.", [("192.0.2.2", 10 * S)])
+    cache.learn(1, "a.test.", [("192.0.2.1", 10 * S)])  # a is now the most recent
+    touched = cache.learn(1, "c.test.", [("192.0.2.3", 10 * S)])
+    assert cache.names(1) == ["a.test.", "c.test."]
+    assert "192.0.2.2" in touched  # the caller must rewrite or delete b's IP
+    assert cache.evictions["names_per_endpoint"] == 1
+    cache.learn(2, "x.test.", [("192.0.2.9", 10 * S)])  # the cap is per endpoint
+    assert cache.names(2) == ["x.test."]
+
+
+def test_total_cap_evicts_the_soonest_to_expire_anywhere() -> None:
+    cache = FqdnCache(CacheLimits(max_entries=3))
+    cache.learn(1, "a.test.", [("192.0.2.1", 50 * S)])
+    cache.learn(2, "b.test.", [("192.0.2.2", 5 * S)])
+    cache.learn(3, "c.test.", [("192.0.2.3", 60 * S)])
+    cache.learn(1, "d.test.", [("192.0.2.4", 70 * S)])
+    assert len(cache) == 3 and cache.ips(2, "b.test.") == {}
+    assert cache.evictions["entries"] == 1
+
+
+def test_remove_endpoint_and_name() -> None:
+    cache = FqdnCache()
+    cache.learn(1, "a.test.", [("192.0.2.1", 10 * S)])
+    cache.learn(1, "b.test.", [("192.0.2.2", 10 * S)])
+    cache.learn(2, "a.test.", [("192.0.2.1", 10 * S)])
+    assert cache.remove_name(1, "a.test.") == {"192.0.2.1"}
+    assert cache.holders(1, "192.0.2.1") == {} and cache.holders(2, "192.0.2.1")
+    assert cache.remove_endpoint(1) == {"192.0.2.2"}
+    assert len(cache) == 1 and cache.endpoint_ids() == [2]
+    assert cache.expire(100 * S, 100) == [(2, "192.0.2.1")]  # stale items of 1 skipped
+    assert len(cache) == 0
+
+
+def test_heap_stays_within_twice_the_entries_under_refresh_storms() -> None:
+    cache = FqdnCache()
+    for t in range(5_000):
+        cache.learn(1, "hot.test.", [("192.0.2.1", (t + 1) * S)])
+    assert len(cache._heap) <= 2 * len(cache) + 1024
