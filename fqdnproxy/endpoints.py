@@ -71,6 +71,12 @@ class Endpoint:
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
+    @property
+    def identity(self) -> dict[str, Any]:
+        """How audit records name the endpoint: id, namespace, name, labels."""
+        return {"id": self.id, "namespace": self.namespace, "name": self.name,
+                "labels": dict(self.labels)}
+
     def selector_labels(self) -> dict[tuple[str, str], str]:
         """Labels keyed by (source, key) as selectors see them, the namespace label included."""
         result = {}

@@ -33,73 +33,19 @@ from typing import Protocol
 
 from fqdnproxy.dns import upstream as upstream_mod
 from fqdnproxy.dns import wire
-from fqdnproxy.dns.server import Client
+from fqdnproxy.exchange import (
+    AllowAll, AllowedIp, Client, Decider, Decision, Exchange, Learner, LearnError, NoLearning,
+    Server)
 from fqdnproxy.observe import metrics as metrics_mod
 from fqdnproxy.observe.audit import AuditRecord, AuditSink
 from fqdnproxy.observe.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-Server = tuple[str, int]
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What the decide stage concluded, and which rule said so."""
-
-    allowed: bool
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Exchange:
-    """One query on its way through the stages."""
-
-    client: Client
-    data: bytes
-    query: wire.Query
-    received: float  # time.monotonic() at receipt
-    server: Server | None = None
-    decision: Decision | None = None
-
-
-class Decider(Protocol):
-    """The decide stage: may this client ask this question of this server?"""
-
-    def decide(self, client: Client, query: wire.Query, server: Server) -> Decision: ...
-
-
-class Learner(Protocol):
-    """The learn stage: record what an allowed answer teaches, before it is released.
-
-    Raises ``LearnError`` when the answer must not be released.
-    """
-
-    async def learn(self, exchange: Exchange, response: wire.Response) -> None: ...
-
-
 class Router(Protocol):
     """Where a client's query goes upstream."""
 
     def server_for(self, client: Client) -> Server: ...
-
-
-class LearnError(Exception):
-    """The learn stage could not record what the answer teaches (for example, map full)."""
-
-
-class AllowAll:
-    """The decide stage before policies exist: every query is forwarded."""
-
-    def decide(self, client: Client, query: wire.Query, server: Server) -> Decision:
-        return Decision(True, "no policy loaded")
-
-
-class NoLearning:
-    """The learn stage before the datapath exists: answers teach nothing."""
-
-    async def learn(self, exchange: Exchange, response: wire.Response) -> None:
-        return None
 
 
 class RoundRobinUpstreams:
@@ -158,7 +104,9 @@ class Proxy:
                 return self._fail(Exchange(client, data, query, received), wire.Rcode.NOTIMP,
                                   "malformed", f"opcode {query.header.opcode} not supported")
             server = self._router.server_for(client)
-            decision = self._decider.decide(client, query, server)
+            # Policy judges the server the client asked (in explicit mode the proxy's own
+            # address, in transparent mode the original destination), not our upstream.
+            decision = self._decider.decide(client, query, client.local)
             exchange = Exchange(client, data, query, received, server, decision)
             return await self._resolve(exchange)
         except Exception as error:  # the handler boundary: count, log, SERVFAIL
@@ -174,7 +122,8 @@ class Proxy:
         assert decision is not None and exchange.server is not None
         server = exchange.server
         if not decision.allowed:
-            return self._fail(exchange, self._settings.deny_rcode, "denied", decision.reason)
+            rcode = decision.rcode if decision.rcode is not None else self._settings.deny_rcode
+            return self._fail(exchange, rcode, decision.outcome, decision.reason)
         try:
             answer = await self._forward(exchange, server)
         except upstream_mod.UpstreamTimeout:
@@ -190,10 +139,10 @@ class Proxy:
             return self._fail(exchange, wire.Rcode.SERVFAIL, "allowed",
                               f"upstream answer unreadable: {error}")
         try:
-            await self._learner.learn(exchange, response)
+            allowed_ips = self._learner.learn(exchange, response)
         except LearnError as error:
             return self._fail(exchange, wire.Rcode.SERVFAIL, "allowed", f"not learned: {error}")
-        return self._release(exchange, answer, response)
+        return self._release(exchange, answer, response, allowed_ips)
 
     async def _forward(self, exchange: Exchange, server: Server) -> bytes:
         started = time.monotonic()
@@ -227,13 +176,14 @@ class Proxy:
         self._metrics.malformed.labels("formerr").inc()
         return wire.formerr(header)
 
-    def _release(self, exchange: Exchange, answer: bytes, response: wire.Response) -> bytes:
+    def _release(self, exchange: Exchange, answer: bytes, response: wire.Response,
+                 allowed_ips: tuple[AllowedIp, ...]) -> bytes:
         reply = wire.with_id(answer, exchange.query.header.id)
         rcode = response.header.rcode
         self._count(exchange, "allowed", rcode)
         self._audit.emit(self._record(
             exchange, "answer", "allowed", exchange.decision.reason if exchange.decision else "",
-            rcode, response, reply))
+            rcode, response, reply, allowed_ips))
         return reply
 
     def _fail(self, exchange: Exchange, rcode: wire.Rcode | None, verdict: str,
@@ -255,7 +205,7 @@ class Proxy:
 
     def _record(self, exchange: Exchange, kind: str, verdict: str, reason: str,
                 rcode: int | None, response: wire.Response | None,
-                reply: bytes | None) -> AuditRecord:
+                reply: bytes | None, allowed_ips: tuple[AllowedIp, ...] = ()) -> AuditRecord:
         question = exchange.query.question
         client = exchange.client
         return AuditRecord(
@@ -274,6 +224,15 @@ class Proxy:
             latency=time.monotonic() - exchange.received,
             answers=response.records if response is not None else (),
             cnames=response.cnames if response is not None else (),
+            allowed_ips=allowed_ips,
+            endpoint=_endpoint_identity(exchange),
             query_message=exchange.data,
             response_message=reply,
         )
+
+
+def _endpoint_identity(exchange: Exchange) -> dict[str, object] | None:
+    decision = exchange.decision
+    if decision is None or decision.endpoint is None:
+        return None
+    return decision.endpoint.identity

@@ -20,20 +20,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from fqdnproxy.exchange import Client
 from fqdnproxy.observe.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Client:
-    """Who sent a query, and to which address (the proxy's, or in transparent mode the original
-    destination)."""
-
-    ip: str
-    port: int
-    protocol: str  # "udp" or "tcp"
-    local: tuple[str, int]
 
 
 QueryHandler = Callable[[bytes, Client], Awaitable[bytes | None]]

@@ -23,6 +23,7 @@ from typing import IO, Any, Protocol
 import orjson
 
 from fqdnproxy.dns import wire
+from fqdnproxy.exchange import AllowedIp
 from fqdnproxy.observe.metrics import Metrics
 
 
@@ -46,6 +47,7 @@ class AuditRecord:
     answers: tuple[wire.Record, ...] = ()  # rendered by the writer thread, not the hot path
     cnames: tuple[str, ...] = ()
     endpoint: dict[str, Any] | None = None
+    allowed_ips: tuple[AllowedIp, ...] = ()  # what the answer let the endpoint reach
     # The messages as the client sent and received them (client's ID), for dnstap; not in JSON.
     query_message: bytes = b""
     response_message: bytes | None = None
@@ -69,6 +71,8 @@ class AuditRecord:
                 for a in self.answers
             ],
             "cnames": list(self.cnames),
+            "allowed": [{"ip": a.ip, "expires": _rfc3339(a.expires), "ports": a.ports}
+                        for a in self.allowed_ips],
             "latency_ms": round(self.latency * 1000.0, 3),
         }
 

@@ -9,11 +9,18 @@ import asyncio_dgram
 from dnslib import DNSRecord
 
 
-async def udp_exchange(server: tuple[str, int], data: bytes, timeout: float = 2.0) -> bytes | None:
-    """Send ``data`` over UDP; the answer's bytes, or None if none came within ``timeout``."""
-    stream = await asyncio_dgram.connect(server)
+async def udp_exchange(server: tuple[str, int], data: bytes, timeout: float = 2.0,
+                       source: str | None = None) -> bytes | None:
+    """Send ``data`` over UDP (from ``source`` if given); the answer's bytes, or None if none
+    came within ``timeout``."""
+    if source:  # an unconnected socket bound to the source address
+        stream = await asyncio_dgram.bind((source, 0))
+        send = stream.send(data, server)  # type: ignore[call-arg]
+    else:
+        stream = await asyncio_dgram.connect(server)
+        send = stream.send(data)
     try:
-        await stream.send(data)
+        await send
         try:
             answer, _ = await asyncio.wait_for(stream.recv(), timeout)
         except asyncio.TimeoutError:
@@ -23,16 +30,17 @@ async def udp_exchange(server: tuple[str, int], data: bytes, timeout: float = 2.
         stream.close()
 
 
-async def udp_query(server: tuple[str, int], request: DNSRecord,
-                    timeout: float = 2.0) -> DNSRecord | None:
-    answer = await udp_exchange(server, request.pack(), timeout)
+async def udp_query(server: tuple[str, int], request: DNSRecord, timeout: float = 2.0,
+                    source: str | None = None) -> DNSRecord | None:
+    answer = await udp_exchange(server, request.pack(), timeout, source)
     return DNSRecord.parse(answer) if answer is not None else None
 
 
-async def tcp_query(server: tuple[str, int], request: DNSRecord,
-                    timeout: float = 2.0) -> DNSRecord | None:
-    """One query on a new TCP connection."""
-    reader, writer = await asyncio.open_connection(*server)
+async def tcp_query(server: tuple[str, int], request: DNSRecord, timeout: float = 2.0,
+                    source: str | None = None) -> DNSRecord | None:
+    """One query on a new TCP connection (from ``source`` if given)."""
+    reader, writer = await asyncio.open_connection(
+        *server, local_addr=(source, 0) if source else None)
     try:
         data = request.pack()
         writer.write(struct.pack("!H", len(data)) + data)

@@ -1,0 +1,215 @@
+"""The learn stage: turn an allowed answer into allow-map entries before it is released.
+
+For the query name and its endpoint (DESIGN.md steps 6 and 7):
+
+1. each address's TTL is the smallest on its CNAME chain (``wire.Response.addresses``), floored
+   at ``min_ttl`` so a TTL-0 answer still lets the immediate connection through;
+2. the cache records (endpoint, name, IP, expiry), keeping the later expiry on a repeat;
+3. for every IP the cache says changed, the map entry is recomputed from everything the endpoint
+   learned for that IP: the ports are the union of ``select(name)`` over the names holding it,
+   plus the ports of any static CIDR rule covering it (the longest match wins in the kernel, so a
+   /32 inside a broader CIDR entry must carry that entry's ports too); the expiry is the latest
+   among the selected names. An IP no selected name holds any more loses its entry.
+4. the entries are written synchronously; if the map refuses, ``LearnError``: the proxy answers
+   SERVFAIL, because an answer whose connection the datapath would drop must never be released.
+
+Only NOERROR answers with addresses teach anything. Entries are per endpoint only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from fqdnproxy.datapath.allowmap import (
+    MAX_PORT_RANGES, AllowEntry, AllowEntryError, AllowKey, AllowMapWriter, PortRange,
+    kernel_now_ns)
+from fqdnproxy.dns import wire
+from fqdnproxy.errors import FqdnproxyError
+from fqdnproxy.exchange import AllowedIp, Exchange, LearnError
+from fqdnproxy.fqdn.cache import FqdnCache
+from fqdnproxy.policy import model
+
+NS = 1_000_000_000
+_PROTOCOL_NUMBERS = {"TCP": (6,), "UDP": (17,), "ANY": (0,)}
+
+
+@dataclass(frozen=True, slots=True)
+class LearnSettings:
+    """See ``config.CacheConfig`` for the documented defaults."""
+
+    min_ttl: int = 60  # seconds
+
+
+def port_ranges(ports: model.PortSet) -> tuple[PortRange, ...]:
+    """Policy ports as datapath port ranges: merged per protocol, at most ``MAX_PORT_RANGES``.
+
+    Raises:
+        LearnError: more disjoint ranges than an entry holds (never widened silently).
+    """
+    by_protocol: dict[int, list[tuple[int, int]]] = {}
+    for r in ports.ranges:
+        for number in _PROTOCOL_NUMBERS.get(r.protocol.upper(), (0,)):
+            by_protocol.setdefault(number, []).append((r.first, r.last))
+    merged: list[PortRange] = []
+    for number, spans in sorted(by_protocol.items()):
+        spans.sort()
+        first, last = spans[0]
+        for a, b in spans[1:]:
+            if a <= last + 1:
+                last = max(last, b)
+            else:
+                merged.append(PortRange(number, first, last))
+                first, last = a, b
+        merged.append(PortRange(number, first, last))
+    if len(merged) > MAX_PORT_RANGES:
+        raise LearnError(f"{len(merged)} disjoint port ranges; an allow entry holds "
+                         f"{MAX_PORT_RANGES}")
+    return tuple(merged)
+
+
+def describe_ports(ranges: Iterable[PortRange]) -> str:
+    return ",".join(str(r) for r in ranges)
+
+
+class AllowLearner:
+    """``Learner`` writing to an ``AllowMapWriter`` (the kernel map, or in memory in tests)."""
+
+    def __init__(self, cache: FqdnCache, writer: AllowMapWriter,
+                 policy_for: Callable[[int], object | None],
+                 settings: LearnSettings = LearnSettings(),
+                 clock: Callable[[], int] = kernel_now_ns,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.cache = cache
+        self.writer = writer
+        self.settings = settings
+        # endpoint id -> its current EndpointPolicy, or None once the endpoint is gone
+        self._policy_for = policy_for
+        self._clock = clock
+        self._wall = wall
+
+    def learn(self, exchange: Exchange, response: wire.Response) -> tuple[AllowedIp, ...]:
+        """Record the answer's addresses and write their entries; what the endpoint may reach.
+
+        Raises:
+            LearnError: the entries could not be written.
+        """
+        decision = exchange.decision
+        if decision is None or decision.endpoint is None or decision.policy is None:
+            return ()
+        if response.header.rcode != 0 or not response.addresses:
+            return ()
+        now = self._clock()
+        floor = self.settings.min_ttl
+        endpoint_id = decision.endpoint.id
+        touched = self.cache.learn(
+            endpoint_id, exchange.query.question.name,
+            [(a.ip, now + max(a.ttl, floor) * NS) for a in response.addresses])
+        if not decision.policy.enforced or not touched:
+            return ()
+        written = self.sync(decision.policy, endpoint_id, touched)
+        wall_offset = self._wall() - now / NS
+        return tuple(
+            AllowedIp(a.ip, entry.expiry_ns / NS + wall_offset, describe_ports(entry.ports))
+            for a in response.addresses if (entry := written.get(a.ip)) is not None)
+
+    def sync(self, policy: object, endpoint_id: int, ips: Iterable[str]) -> dict[str, AllowEntry]:
+        """Rewrite (or delete) the map entries of ``ips`` from the cache and ``policy``.
+
+        Used by ``learn`` and by policy re-evaluation. Returns the entries written, by IP.
+
+        Raises:
+            LearnError: the map refused the write.
+        """
+        upserts: dict[str, AllowEntry] = {}
+        deletes: list[AllowKey] = []
+        for ip in ips:
+            entry = self._entry(policy, endpoint_id, ip)
+            if entry is None:
+                deletes.append(AllowKey(endpoint_id, ipaddress.ip_network(ip)))
+            else:
+                upserts[ip] = entry
+        try:
+            if upserts:
+                self.writer.upsert_allows(list(upserts.values()))
+            if deletes:
+                self.writer.delete_allows(deletes)
+        except (OSError, FqdnproxyError) as error:
+            raise LearnError(f"allow map refused the entries: {error}") from error
+        return upserts
+
+    def _entry(self, policy: object, endpoint_id: int, ip: str) -> AllowEntry | None:
+        select = policy.select  # type: ignore[attr-defined]
+        ports: model.PortSet | None = None
+        expiry = 0
+        for name, name_expiry in self.cache.holders(endpoint_id, ip).items():
+            selected = select(name)
+            if selected is None:
+                continue
+            ports = selected if ports is None else ports.union(selected)
+            expiry = max(expiry, name_expiry)
+        if ports is None:
+            return None
+        address = ipaddress.ip_address(ip)
+        for rule in policy.allows:  # type: ignore[attr-defined]
+            if rule.covers(address):
+                ports = ports.union(rule.ports)
+        try:
+            return AllowEntry(endpoint_id, ipaddress.ip_network(address), expiry,
+                              port_ranges(ports))
+        except AllowEntryError as error:
+            raise LearnError(str(error)) from error
+
+    # --- outside the query path -----------------------------------------------------------------
+
+    def reevaluate(self, endpoint_ids: Iterable[int] | None = None) -> int:
+        """Rewrite the entries of cached endpoints after a policy or inventory change.
+
+        Names newly selected get their IPs allowed at once, names no longer selected lose them,
+        and an endpoint that left the inventory loses everything. Returns entries rewritten or
+        deleted. ``endpoint_ids`` None means every cached endpoint.
+        """
+        changed = 0
+        for endpoint_id in list(endpoint_ids if endpoint_ids is not None
+                                else self.cache.endpoint_ids()):
+            policy = self._policy_for(endpoint_id)
+            if policy is None:
+                ips = self.cache.remove_endpoint(endpoint_id)
+                changed += self._delete(endpoint_id, ips)
+                continue
+            ips = {entry.ip for entry in self.cache.entries(endpoint_id)}
+            self.sync(policy, endpoint_id, ips)
+            changed += len(ips)
+        return changed
+
+    def collect_garbage(self, now_ns: int, budget: int) -> int:
+        """Drop up to ``budget`` expired cache entries and fix their map entries; how many.
+
+        The kernel already ignores expired entries; this frees their space in the cache and the
+        map. Bounded work per call, so the agent can run it between queries.
+        """
+        expired = self.cache.expire(now_ns, budget)
+        by_endpoint: dict[int, set[str]] = {}
+        for endpoint_id, ip in expired:
+            by_endpoint.setdefault(endpoint_id, set()).add(ip)
+        for endpoint_id, ips in by_endpoint.items():
+            policy = self._policy_for(endpoint_id)
+            if policy is None or not getattr(policy, "enforced", False):
+                self._delete(endpoint_id, ips)
+            else:
+                try:
+                    self.sync(policy, endpoint_id, ips)
+                except LearnError:
+                    pass  # rewrites of still-held IPs are retried by the next lookup
+        return len(expired)
+
+    def _delete(self, endpoint_id: int, ips: Iterable[str]) -> int:
+        keys = [AllowKey(endpoint_id, ipaddress.ip_network(ip)) for ip in ips]
+        if not keys:
+            return 0
+        try:
+            return self.writer.delete_allows(keys)
+        except (OSError, FqdnproxyError):
+            return 0  # expired entries are harmless: the kernel checks expiry itself
