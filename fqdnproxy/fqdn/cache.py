@@ -251,6 +251,23 @@ class FqdnCache:
 
     # --- snapshot -----------------------------------------------------------------------------
 
+    def snapshot_chunks(self, chunk_size: int = 5_000) -> Iterator[list[tuple[int, str, str, int]]]:
+        """Every entry as (endpoint, name, ip, expiry), in lists of about ``chunk_size``.
+
+        The caller may yield to the event loop between chunks: each level is copied when it is
+        visited, so changes made in between never break the iteration (they may or may not be
+        in the snapshot, which the restore reconciles against the pinned map anyway).
+        """
+        chunk: list[tuple[int, str, str, int]] = []
+        for endpoint_id, endpoint in list(self._endpoints.items()):
+            for name, ips in list(endpoint.names.items()):
+                chunk.extend((endpoint_id, name, ip, expiry) for ip, expiry in list(ips.items()))
+                if len(chunk) >= chunk_size:
+                    yield chunk
+                    chunk = []
+        if chunk:
+            yield chunk
+
     def restore(self, entries: Iterable[CacheEntry]) -> int:
         """Load entries (from a snapshot or the pinned map); returns how many were added."""
         added = 0
