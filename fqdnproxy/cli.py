@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_run_command(commands)
     _add_policy_commands(commands)
+    _add_cache_commands(commands)
     return parser
 
 
@@ -103,6 +104,47 @@ def _policy_explain(args: argparse.Namespace) -> int:
     result = commands.explain(args.policies, args.endpoints, args.endpoint, args.query,
                               args.server, args.protocol)
     print(commands.render_explain(result, args.output))
+    return ExitCode.OK
+
+
+def _add_admin_options(parser: argparse.ArgumentParser) -> None:
+    from fqdnproxy import admin
+
+    parser.add_argument("--socket", default=admin.DEFAULT_SOCKET,
+                        help=f"the agent's admin socket (default {admin.DEFAULT_SOCKET})")
+    parser.add_argument("--output", choices=("table", "json"), default="table")
+
+
+def _add_cache_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``fqdnproxy cache list``: what the running agent learned, per endpoint and name."""
+    cache = commands.add_parser("cache", help="the running agent's FQDN cache")
+    verbs = cache.add_subparsers(title="cache commands", metavar="VERB")
+    listing = verbs.add_parser("list", help="learned names and IPs, per endpoint")
+    listing.add_argument("--endpoint", metavar="NS/NAME", help="only this endpoint")
+    listing.add_argument("--name", help="only this DNS name")
+    _add_admin_options(listing)
+    listing.set_defaults(handler=_cache_list)
+
+
+def _cache_list(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from fqdnproxy.admin import client, render
+
+    try:
+        rows = client.call(Path(args.socket), "cache.list",
+                           {"endpoint": args.endpoint, "name": args.name})
+    except client.AdminError as error:
+        print(f"fqdnproxy: {error}", file=sys.stderr)
+        return ExitCode.PROBLEMS_FOUND
+    if args.output == "json":
+        print(json.dumps(rows, indent=2))
+    else:
+        print(render.table(
+            ("ENDPOINT", "NAME", "TTL", "EXPIRES", "SOURCE", "IPS"),
+            [(r["endpoint"], r["name"], f"{r['ttl']}s", r["expires"], r["source"],
+              ", ".join(r["ips"])) for r in rows]))
     return ExitCode.OK
 
 
