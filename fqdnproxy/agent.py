@@ -35,6 +35,7 @@ from fqdnproxy.dns import server as server_mod
 from fqdnproxy.dns import upstream as upstream_mod
 from fqdnproxy.errors import FqdnproxyError
 from fqdnproxy.observe import audit as audit_mod
+from fqdnproxy.observe import dnstap as dnstap_mod
 from fqdnproxy.observe.metrics import Metrics
 
 log = logging.getLogger("fqdnproxy")
@@ -54,6 +55,7 @@ class Agent:
     server: server_mod.DnsServer | None = None
     upstream: upstream_mod.UpstreamClient | None = None
     audit: audit_mod.JsonLinesAuditLog | audit_mod.NullAuditSink | None = None
+    dnstap: list[dnstap_mod.DnstapSink] = field(default_factory=list)
     _interrupts: int = 0
 
     async def startup(self) -> None:
@@ -69,11 +71,19 @@ class Agent:
                           if cfg.audit.path else audit_mod.NullAuditSink())
         except OSError as error:
             raise StartupError(f"audit.path {cfg.audit.path!r}: {error.strerror}") from None
+        try:
+            self.dnstap = dnstap_mod.open_sinks(cfg.audit.dnstap_file, cfg.audit.dnstap_socket,
+                                                cfg.audit.queue_size, self.metrics)
+        except OSError as error:
+            self.audit.close()
+            raise StartupError(
+                f"audit.dnstap_file {cfg.audit.dnstap_file!r}: {error.strerror}") from None
+        sink = audit_mod.TeeAuditSink(self.audit, *self.dnstap) if self.dnstap else self.audit
         self.upstream = upstream_mod.UpstreamClient(_upstream_settings(cfg), self.metrics)
         await self.upstream.start()
         servers = [config_mod.parse_address(text) for text in cfg.upstream.servers]
         handler = proxy_mod.Proxy(
-            self.upstream, proxy_mod.RoundRobinUpstreams(servers), self.audit, self.metrics,
+            self.upstream, proxy_mod.RoundRobinUpstreams(servers), sink, self.metrics,
             proxy_mod.ProxySettings(max_in_flight=cfg.dns.max_in_flight))
         listen = [config_mod.parse_address(text, allow_port_zero=True) for text in cfg.dns.listen]
         self.server = server_mod.DnsServer(listen, handler.handle, self.metrics,
@@ -107,6 +117,8 @@ class Agent:
             await self.upstream.close()
         if self.audit is not None:
             self.audit.close()
+        for sink in self.dnstap:
+            sink.close()
         log.info("stopped")
 
     def capture_signals(self) -> None:

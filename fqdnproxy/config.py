@@ -85,13 +85,19 @@ class UpstreamConfig:
 
 @dataclass(frozen=True)
 class AuditConfig:
-    """The audit log: one JSON object per exchange."""
+    """The audit log: one JSON object per exchange; optionally dnstap too."""
 
     path: str = _opt("-", "where audit records go: a file path, '-' for stdout, '' for none")
     queue_size: int = _opt(
         65_536, "records waiting to be written; past it records are dropped and counted",
         "records",
     )
+    dnstap_file: str = _opt(
+        "", "also write records as dnstap (Frame Streams) to this file, truncated at start; "
+        "'' for none")
+    dnstap_socket: str = _opt(
+        "", "also send records as dnstap to a Frame Streams reader on this unix socket, "
+        "reconnecting while it is absent; '' for none")
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,13 @@ class Metrics:
             "was full", registry=r)
         self.audit_queue = Gauge(
             "fqdnproxy_audit_queue_records", "Audit records waiting to be written", registry=r)
+        self.dnstap_frames = Counter(
+            "fqdnproxy_dnstap_frames_written", "dnstap data frames written, by output (file, "
+            "socket)", ["output"], registry=r)
+        self.dnstap_dropped = Counter(
+            "fqdnproxy_dnstap_frames_dropped", "dnstap frames dropped, by output and reason "
+            "(queue_full; disconnected: no socket reader; write_error)", ["output", "reason"],
+            registry=r)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached."""

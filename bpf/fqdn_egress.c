@@ -1,0 +1,629 @@
+// SPDX-License-Identifier: Apache-2.0
+/*
+ * fqdn_egress.c: per-endpoint egress gating for fqdnproxy (tc, clsact ingress).
+ *
+ * Attached to clsact *ingress* of an endpoint's host-side veth, every packet the endpoint sends
+ * passes through fqdn_egress() before the host routes it. Attached to a gateway interface, the
+ * same program gates whoever sends through it; endpoints are then known only by source IP.
+ *
+ * This file is the source of truth for the map layout. fqdnproxy/datapath/maps.py mirrors every
+ * struct below; datapath.load() passes the Python sizes and offsets as -D flags and the
+ * _Static_asserts at the end of this file refuse to compile if the two disagree.
+ *
+ * Verdict, in order (first match decides):
+ *   1. not IPv4/IPv6 (ARP, ...)                      -> pass, untouched
+ *   2. source not in `endpoints`                     -> pass, unless the interface belongs to an
+ *                                                       enforced endpoint (`ifaces`): spoofed
+ *   3. endpoint's ifindex set and != this interface  -> drop SPOOFED (anti-spoofing)
+ *   4. endpoint without ENFORCE_EGRESS               -> pass (PASS_UNENFORCED)
+ *   5. ICMP control messages (errors, echo replies,
+ *      IPv6 neighbour discovery and MLD)             -> pass (PASS_ICMP_CONTROL)
+ *   6. flow in `ct` and not idle                     -> pass (PASS_ESTABLISHED)
+ *   7. `allow_exact` (/32, /128) then `allow` (LPM):
+ *      unexpired and port+protocol match             -> pass, record the flow in `ct`
+ *   8. destination is a DNS target (the proxy)       -> pass (PASS_DNS), not recorded
+ *   9. otherwise                                     -> drop with the reason of step 7
+ *      (NO_ENTRY, EXPIRED or PORT); with AUDIT the drop is counted and logged as AUDITED and the
+ *      packet passes.
+ * Drops and audits emit an event to the `events` ring buffer, rate-limited per endpoint.
+ *
+ * Deliberate choices (also in fqdnproxy/datapath/README.md):
+ *  - Fragments: the first fragment carries the L4 header and is judged like any packet. Later
+ *    fragments carry no ports, so they pass when the endpoint may reach the destination address
+ *    with that protocol on *some* port (allow hit, ports ignored), and are dropped otherwise. A
+ *    datagram whose first fragment was dropped cannot be reassembled, and Linux discards
+ *    overlapping fragments (RFC 5722), so later fragments cannot smuggle a different header.
+ *  - IPv6 extension headers: hop-by-hop, routing, destination options, fragment and AH are
+ *    skipped (at most FQDN_MAX_EXT_HEADERS); more than that, or a truncated header, is MALFORMED.
+ *    ESP and unknown next headers are judged as that protocol with no ports: only an entry whose
+ *    range has protocol 0 (any) admits them.
+ *  - ICMP: echo requests are judged against the allow map with protocol ICMP/ICMPv6 (ports are
+ *    ignored; the echo id stands in for the source port in `ct`). Error messages, echo replies,
+ *    IPv6 neighbour discovery (133-137) and MLD (130-132, 143) pass: they answer traffic the
+ *    endpoint received, and IPv6 stops working without NDP. Other ICMP types are dropped.
+ *  - DNS to the proxy is looked up only when a packet would otherwise be dropped, so allowed
+ *    traffic never pays for it.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+#include <uapi/linux/icmp.h>
+#include <uapi/linux/icmpv6.h>
+
+/* Bump when any pinned map's key, value, type or meaning changes (datapath/maps.py mirrors it). */
+#define FQDN_LAYOUT_VERSION 1
+#define FQDN_MAX_PORT_RANGES 8
+#define FQDN_MAX_EXT_HEADERS 4
+
+/* --- options (datapath.Options passes them as -D flags) ------------------------------------- */
+#ifndef FQDN_PIN_DIR
+#define FQDN_PIN_DIR "/sys/fs/bpf/fqdnproxy"
+#endif
+#ifndef FQDN_ENDPOINTS_MAX
+#define FQDN_ENDPOINTS_MAX 4096
+#endif
+#ifndef FQDN_ALLOW_MAX
+#define FQDN_ALLOW_MAX 262144
+#endif
+#ifndef FQDN_CT_MAX
+#define FQDN_CT_MAX 262144
+#endif
+#ifndef FQDN_CT_TCP_IDLE_NS
+#define FQDN_CT_TCP_IDLE_NS (6ULL * 3600 * 1000000000ULL) /* Cilium's default: 6 h */
+#endif
+#ifndef FQDN_CT_OTHER_IDLE_NS
+#define FQDN_CT_OTHER_IDLE_NS (60ULL * 1000000000ULL) /* Cilium's default: 60 s */
+#endif
+/* Refresh a flow's last-seen at most this often: a write per packet would bounce the cache line
+ * between CPUs, and idle timeouts are seconds long. */
+#ifndef FQDN_CT_REFRESH_NS
+#define FQDN_CT_REFRESH_NS 1000000000ULL
+#endif
+#ifndef FQDN_EVENTS_PER_SEC
+#define FQDN_EVENTS_PER_SEC 100
+#endif
+/* 0 only in benchmarks/bench_datapath.py, to measure the new-flow (allow lookup) path. */
+#ifndef FQDN_RECORD_FLOWS
+#define FQDN_RECORD_FLOWS 1
+#endif
+
+/* --- enums ------------------------------------------------------------------------------------ */
+enum fqdn_endpoint_flags {
+    EP_ENFORCE_EGRESS = 1 << 0, /* some policy selects the endpoint for egress */
+    EP_AUDIT = 1 << 1,          /* log would-be drops and pass them */
+};
+
+/* Counter and event reasons. Values are ABI: datapath/maps.py Reason mirrors them. */
+enum fqdn_reason {
+    REASON_PASS_UNENFORCED = 0,
+    REASON_PASS_DNS = 1,
+    REASON_PASS_ESTABLISHED = 2,
+    REASON_PASS_ALLOWED = 3,
+    REASON_PASS_ICMP_CONTROL = 4,
+    REASON_AUDITED = 5, /* would have been dropped; passed because of EP_AUDIT */
+    REASON_DROP_NO_ENTRY = 6,
+    REASON_DROP_EXPIRED = 7,
+    REASON_DROP_PORT = 8,
+    REASON_DROP_SPOOFED = 9,
+    REASON_DROP_MALFORMED = 10,
+    REASON_DROP_ICMP = 11,
+    REASON_EVENT_SUPPRESSED = 12, /* counter only: a drop event over the rate limit */
+    REASON_MAX = 13,
+};
+
+/* --- map layout --------------------------------------------------------------------------------
+ * Addresses are 16 bytes in network order; IPv4 is stored IPv4-mapped (::ffff:a.b.c.d) so one
+ * map serves both families. Explicit pad fields: every byte of a key is hashed, so padding must
+ * be zero and visible. */
+
+struct meta_value {
+    u32 layout_version;
+    u32 pad;
+};
+
+struct endpoint_key {
+    u8 family; /* 4 or 6: keeps an IPv6 packet from ::ffff:a.b.c.d matching an IPv4 endpoint */
+    u8 pad[3];
+    u8 addr[16];
+};
+
+struct endpoint_value {
+    u32 endpoint_id;
+    u32 flags;   /* enum fqdn_endpoint_flags */
+    u32 ifindex; /* non-zero: packets from this source must arrive on this interface */
+};
+
+struct iface_value {
+    u32 endpoint_id;
+    u32 flags;
+};
+
+struct port_range {
+    u16 first;   /* host order, inclusive */
+    u16 last;    /* host order, inclusive */
+    u8 protocol; /* IPPROTO_*, 0 = any protocol */
+    u8 pad[3];
+};
+
+struct allow_value {
+    u64 expiry_ns; /* bpf_ktime_get_ns() deadline (CLOCK_MONOTONIC); 0 = static */
+    u32 nranges;   /* used entries of ranges[] */
+    u32 pad;
+    struct port_range ranges[FQDN_MAX_PORT_RANGES];
+};
+
+/* LPM trie key. The kernel matches the first `prefixlen` bits of everything after prefixlen:
+ *
+ *   | prefixlen (u32) | endpoint_id (u32, 32 bits) | addr[16] (128 bits)         |
+ *                       always fully matched         IPv4: 96 bits ::ffff: + plen
+ *
+ * so prefixlen = 32 + plen for IPv6 and 32 + 96 + plen for IPv4 (an IPv4 /24 is 152). */
+struct allow_key {
+    u32 prefixlen;
+    u32 endpoint_id;
+    u8 addr[16];
+};
+
+/* Exact-match key for /32 and /128 entries (the ones DNS learning writes): a hash lookup costs
+ * the same at 1k and 1M entries, a trie lookup grows with depth. */
+struct exact_key {
+    u32 endpoint_id;
+    u8 addr[16];
+};
+
+struct ct_key {
+    u8 saddr[16];
+    u8 daddr[16];
+    u16 sport; /* host order; ICMP echo id */
+    u16 dport; /* host order; 0 for ICMP */
+    u32 endpoint_id;
+    u8 protocol;
+    u8 family;
+    u8 pad[2];
+};
+
+struct ct_value {
+    u64 last_seen_ns;
+    u64 created_ns;
+};
+
+struct counter_key {
+    u32 endpoint_id;
+    u32 reason; /* enum fqdn_reason */
+};
+
+struct dns_key {
+    u8 family;
+    u8 protocol;
+    u16 port; /* host order */
+    u8 addr[16];
+};
+
+struct rate_state {
+    u64 window_start_ns;
+    u32 count;
+    u32 pad;
+};
+
+struct drop_event {
+    u64 timestamp_ns; /* bpf_ktime_get_ns() */
+    u32 endpoint_id;
+    u32 reason; /* enum fqdn_reason of the drop (also when audited) */
+    u32 ifindex;
+    u8 family;
+    u8 protocol;
+    u16 sport;
+    u16 dport;
+    u16 audited; /* 1: EP_AUDIT passed it */
+    u8 saddr[16];
+    u8 daddr[16];
+    u32 pad;
+};
+
+#define PIN(name) FQDN_PIN_DIR "/" name
+
+BPF_TABLE_PINNED("array", u32, struct meta_value, meta, 1, PIN("meta"));
+BPF_TABLE_PINNED("hash", struct endpoint_key, struct endpoint_value, endpoints,
+                 FQDN_ENDPOINTS_MAX, PIN("endpoints"));
+BPF_TABLE_PINNED("hash", u32, struct iface_value, ifaces, FQDN_ENDPOINTS_MAX, PIN("ifaces"));
+BPF_TABLE_PINNED("lpm_trie", struct allow_key, struct allow_value, allow, FQDN_ALLOW_MAX,
+                 PIN("allow"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct exact_key, struct allow_value, allow_exact, FQDN_ALLOW_MAX,
+                 PIN("allow_exact"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_value, ct, FQDN_CT_MAX, PIN("ct"));
+BPF_TABLE_PINNED("percpu_hash", struct counter_key, u64, counters,
+                 FQDN_ENDPOINTS_MAX * REASON_MAX, PIN("counters"));
+BPF_TABLE_PINNED("hash", struct dns_key, u32, dns_targets, 64, PIN("dns_targets"));
+/* Not pinned: they belong to one program instance; a restarted agent reads its own ring. */
+BPF_TABLE("lru_hash", u32, struct rate_state, event_rate, FQDN_ENDPOINTS_MAX);
+BPF_RINGBUF_OUTPUT(events, 64);
+
+/* --- packet parsing ------------------------------------------------------------------------- */
+
+enum parse_result { PARSE_OK = 0, PARSE_NOT_IP = 1, PARSE_MALFORMED = 2 };
+
+struct flow {
+    u8 saddr[16];
+    u8 daddr[16];
+    u16 sport;
+    u16 dport;
+    u8 family;
+    u8 protocol;
+    u8 later_fragment; /* no L4 header: ports unknown */
+    u8 icmp_type;
+    void *l4;
+};
+
+struct ipv6_ext {
+    u8 nexthdr;
+    u8 hdrlen;
+};
+
+struct ipv6_frag {
+    u8 nexthdr;
+    u8 reserved;
+    __be16 frag_off;
+    __be32 identification;
+};
+
+static __always_inline void map_v4(u8 *dst, __be32 addr)
+{
+    __builtin_memset(dst, 0, 10);
+    dst[10] = 0xff;
+    dst[11] = 0xff;
+    __builtin_memcpy(dst + 12, &addr, 4);
+}
+
+static __always_inline int parse_l3(struct __sk_buff *skb, struct flow *f)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+
+    if ((void *)(eth + 1) > data_end)
+        return PARSE_NOT_IP;
+    if (eth->h_proto == htons(ETH_P_IP)) {
+        struct iphdr *ip = (void *)(eth + 1);
+        if ((void *)(ip + 1) > data_end || ip->ihl < 5)
+            return PARSE_MALFORMED;
+        f->family = 4;
+        f->protocol = ip->protocol;
+        map_v4(f->saddr, ip->saddr);
+        map_v4(f->daddr, ip->daddr);
+        f->later_fragment = (ip->frag_off & htons(0x1fff)) != 0;
+        f->l4 = (void *)ip + ip->ihl * 4;
+        return PARSE_OK;
+    }
+    if (eth->h_proto != htons(ETH_P_IPV6))
+        return PARSE_NOT_IP;
+
+    struct ipv6hdr *ip6 = (void *)(eth + 1);
+    if ((void *)(ip6 + 1) > data_end)
+        return PARSE_MALFORMED;
+    f->family = 6;
+    __builtin_memcpy(f->saddr, &ip6->saddr, 16);
+    __builtin_memcpy(f->daddr, &ip6->daddr, 16);
+    u8 nexthdr = ip6->nexthdr;
+    void *cursor = (void *)(ip6 + 1);
+
+#pragma unroll
+    for (int i = 0; i < FQDN_MAX_EXT_HEADERS; i++) {
+        if (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
+            nexthdr == IPPROTO_DSTOPTS) {
+            struct ipv6_ext *ext = cursor;
+            if ((void *)(ext + 1) > data_end)
+                return PARSE_MALFORMED;
+            nexthdr = ext->nexthdr;
+            cursor += (ext->hdrlen + 1) * 8;
+        } else if (nexthdr == IPPROTO_AH) {
+            struct ipv6_ext *ext = cursor;
+            if ((void *)(ext + 1) > data_end)
+                return PARSE_MALFORMED;
+            nexthdr = ext->nexthdr;
+            cursor += (ext->hdrlen + 2) * 4;
+        } else if (nexthdr == IPPROTO_FRAGMENT) {
+            struct ipv6_frag *frag = cursor;
+            if ((void *)(frag + 1) > data_end)
+                return PARSE_MALFORMED;
+            nexthdr = frag->nexthdr;
+            if (frag->frag_off & htons(0xfff8))
+                f->later_fragment = 1;
+            cursor += sizeof(*frag);
+        } else {
+            break;
+        }
+    }
+    if (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING || nexthdr == IPPROTO_DSTOPTS ||
+        nexthdr == IPPROTO_AH || nexthdr == IPPROTO_FRAGMENT)
+        return PARSE_MALFORMED; /* more extension headers than we skip */
+    f->protocol = nexthdr;
+    f->l4 = cursor;
+    return PARSE_OK;
+}
+
+/* Fill ports (or ICMP type and echo id). Later fragments and unknown protocols have none. */
+static __always_inline int parse_l4(struct __sk_buff *skb, struct flow *f)
+{
+    void *data_end = (void *)(long)skb->data_end;
+
+    if (f->later_fragment)
+        return PARSE_OK;
+    if (f->protocol == IPPROTO_TCP) {
+        struct tcphdr *tcp = f->l4;
+        if ((void *)(tcp + 1) > data_end)
+            return PARSE_MALFORMED;
+        f->sport = ntohs(tcp->source);
+        f->dport = ntohs(tcp->dest);
+    } else if (f->protocol == IPPROTO_UDP) {
+        struct udphdr *udp = f->l4;
+        if ((void *)(udp + 1) > data_end)
+            return PARSE_MALFORMED;
+        f->sport = ntohs(udp->source);
+        f->dport = ntohs(udp->dest);
+    } else if (f->protocol == IPPROTO_ICMP || f->protocol == IPPROTO_ICMPV6) {
+        /* type, code, checksum, then the echo id: same layout in ICMP and ICMPv6. */
+        struct icmphdr *icmp = f->l4;
+        if ((void *)(icmp + 1) > data_end)
+            return PARSE_MALFORMED;
+        f->icmp_type = icmp->type;
+        f->sport = ntohs(icmp->un.echo.id);
+    }
+    return PARSE_OK;
+}
+
+enum icmp_class { ICMP_JUDGE = 0, ICMP_CONTROL = 1, ICMP_REFUSE = 2 };
+
+static __always_inline int classify_icmp(struct flow *f)
+{
+    u8 t = f->icmp_type;
+
+    if (f->later_fragment)
+        return ICMP_JUDGE;
+    if (f->protocol == IPPROTO_ICMP) {
+        if (t == ICMP_ECHO)
+            return ICMP_JUDGE;
+        if (t == ICMP_ECHOREPLY || t == ICMP_DEST_UNREACH || t == ICMP_TIME_EXCEEDED ||
+            t == ICMP_PARAMETERPROB)
+            return ICMP_CONTROL;
+        return ICMP_REFUSE;
+    }
+    if (t == 128) /* echo request */
+        return ICMP_JUDGE;
+    if ((t >= 1 && t <= 4) || t == 129 || (t >= 130 && t <= 137) || t == 143)
+        return ICMP_CONTROL; /* errors, echo reply, MLD, NDP */
+    return ICMP_REFUSE;
+}
+
+/* --- counters and events -------------------------------------------------------------------- */
+
+static __always_inline void count(u32 endpoint_id, u32 reason)
+{
+    struct counter_key key = {.endpoint_id = endpoint_id, .reason = reason};
+    u64 *value = counters.lookup(&key);
+    if (value) {
+        *value += 1; /* per-CPU slot: no atomic needed */
+        return;
+    }
+    u64 one = 1;
+    counters.update(&key, &one);
+}
+
+static __always_inline void emit_drop(struct __sk_buff *skb, struct flow *f, u32 endpoint_id,
+                                      u32 reason, u16 audited, u64 now)
+{
+    struct rate_state *rs = event_rate.lookup(&endpoint_id);
+    if (!rs) {
+        struct rate_state fresh = {.window_start_ns = now, .count = 1};
+        event_rate.update(&endpoint_id, &fresh);
+    } else if (now - rs->window_start_ns >= 1000000000ULL) {
+        /* Racy reset across CPUs: at worst a few extra events in a window. */
+        rs->window_start_ns = now;
+        rs->count = 1;
+    } else if (rs->count >= FQDN_EVENTS_PER_SEC) {
+        count(endpoint_id, REASON_EVENT_SUPPRESSED);
+        return;
+    } else {
+        __sync_fetch_and_add(&rs->count, 1);
+    }
+
+    struct drop_event ev = {
+        .timestamp_ns = now,
+        .endpoint_id = endpoint_id,
+        .reason = reason,
+        .ifindex = skb->ifindex,
+        .family = f->family,
+        .protocol = f->protocol,
+        .sport = f->sport,
+        .dport = f->dport,
+        .audited = audited,
+    };
+    __builtin_memcpy(ev.saddr, f->saddr, 16);
+    __builtin_memcpy(ev.daddr, f->daddr, 16);
+    if (events.ringbuf_output(&ev, sizeof(ev), 0) != 0)
+        count(endpoint_id, REASON_EVENT_SUPPRESSED);
+}
+
+static __always_inline int deny(struct __sk_buff *skb, struct flow *f, u32 endpoint_id,
+                                u32 flags, u32 reason, u64 now)
+{
+    if (flags & EP_AUDIT) {
+        count(endpoint_id, REASON_AUDITED);
+        emit_drop(skb, f, endpoint_id, reason, 1, now);
+        return TC_ACT_OK;
+    }
+    count(endpoint_id, reason);
+    emit_drop(skb, f, endpoint_id, reason, 0, now);
+    return TC_ACT_SHOT;
+}
+
+/* --- policy ----------------------------------------------------------------------------------- */
+
+static __always_inline int ranges_admit(struct allow_value *v, struct flow *f)
+{
+    int any_port = f->later_fragment || f->protocol == IPPROTO_ICMP ||
+                   f->protocol == IPPROTO_ICMPV6;
+    u32 n = v->nranges;
+
+#pragma unroll
+    for (int i = 0; i < FQDN_MAX_PORT_RANGES; i++) {
+        if (i >= n)
+            break;
+        struct port_range *r = &v->ranges[i];
+        if (r->protocol && r->protocol != f->protocol)
+            continue;
+        if (any_port)
+            return 1;
+        /* Protocols without ports (ESP, GRE, ...) only match protocol-wildcard ranges. */
+        if (f->protocol != IPPROTO_TCP && f->protocol != IPPROTO_UDP && r->protocol == 0)
+            return 1;
+        if (f->dport >= r->first && f->dport <= r->last)
+            return 1;
+    }
+    return 0;
+}
+
+/* Returns REASON_PASS_ALLOWED or the drop reason. The exact entry is tried first; when it is
+ * expired or its ports do not match, the covering CIDR entry in the trie still applies, so a
+ * learned /32 never narrows a broader static rule. */
+static __always_inline u32 judge(u32 endpoint_id, struct flow *f, u64 now)
+{
+    u32 reason = REASON_DROP_NO_ENTRY;
+    struct exact_key ek = {.endpoint_id = endpoint_id};
+    __builtin_memcpy(ek.addr, f->daddr, 16);
+    struct allow_value *v = allow_exact.lookup(&ek);
+    if (v) {
+        if (v->expiry_ns && v->expiry_ns <= now)
+            reason = REASON_DROP_EXPIRED;
+        else if (ranges_admit(v, f))
+            return REASON_PASS_ALLOWED;
+        else
+            reason = REASON_DROP_PORT;
+    }
+
+    struct allow_key lk = {.prefixlen = 32 + 128, .endpoint_id = endpoint_id};
+    __builtin_memcpy(lk.addr, f->daddr, 16);
+    v = allow.lookup(&lk);
+    if (v) {
+        if (v->expiry_ns && v->expiry_ns <= now) {
+            if (reason == REASON_DROP_NO_ENTRY)
+                reason = REASON_DROP_EXPIRED;
+        } else if (ranges_admit(v, f)) {
+            return REASON_PASS_ALLOWED;
+        } else if (reason == REASON_DROP_NO_ENTRY) {
+            reason = REASON_DROP_PORT;
+        }
+    }
+    return reason;
+}
+
+static __always_inline void flow_key(struct ct_key *key, struct flow *f, u32 endpoint_id)
+{
+    __builtin_memcpy(key->saddr, f->saddr, 16);
+    __builtin_memcpy(key->daddr, f->daddr, 16);
+    key->sport = f->sport;
+    key->dport = f->dport;
+    key->endpoint_id = endpoint_id;
+    key->protocol = f->protocol;
+    key->family = f->family;
+}
+
+int fqdn_egress(struct __sk_buff *skb)
+{
+    struct flow f = {};
+    int parsed = parse_l3(skb, &f);
+    if (parsed == PARSE_NOT_IP)
+        return TC_ACT_OK;
+    if (parsed == PARSE_MALFORMED)
+        return TC_ACT_SHOT; /* the IP stack would discard a truncated IP header anyway */
+
+    struct endpoint_key epk = {.family = f.family};
+    __builtin_memcpy(epk.addr, f.saddr, 16);
+    struct endpoint_value *ep = endpoints.lookup(&epk);
+    u64 now = bpf_ktime_get_ns();
+    if (!ep) {
+        u32 ifindex = skb->ifindex;
+        struct iface_value *owner = ifaces.lookup(&ifindex);
+        if (owner && (owner->flags & EP_ENFORCE_EGRESS))
+            return deny(skb, &f, owner->endpoint_id, owner->flags, REASON_DROP_SPOOFED, now);
+        return TC_ACT_OK;
+    }
+    u32 endpoint_id = ep->endpoint_id;
+    u32 flags = ep->flags;
+    if (ep->ifindex && ep->ifindex != skb->ifindex)
+        return deny(skb, &f, endpoint_id, flags, REASON_DROP_SPOOFED, now);
+    if (!(flags & EP_ENFORCE_EGRESS)) {
+        count(endpoint_id, REASON_PASS_UNENFORCED);
+        return TC_ACT_OK;
+    }
+    if (parse_l4(skb, &f) != PARSE_OK)
+        return deny(skb, &f, endpoint_id, flags, REASON_DROP_MALFORMED, now);
+    if (f.protocol == IPPROTO_ICMP || f.protocol == IPPROTO_ICMPV6) {
+        int cls = classify_icmp(&f);
+        if (cls == ICMP_CONTROL) {
+            count(endpoint_id, REASON_PASS_ICMP_CONTROL);
+            return TC_ACT_OK;
+        }
+        if (cls == ICMP_REFUSE)
+            return deny(skb, &f, endpoint_id, flags, REASON_DROP_ICMP, now);
+    }
+
+    struct ct_key key = {};
+    flow_key(&key, &f, endpoint_id);
+    if (!f.later_fragment) {
+        struct ct_value *seen = ct.lookup(&key);
+        if (seen) {
+            u64 idle = f.protocol == IPPROTO_TCP ? FQDN_CT_TCP_IDLE_NS : FQDN_CT_OTHER_IDLE_NS;
+            u64 last = seen->last_seen_ns;
+            if (now - last < idle) {
+                if (now - last > FQDN_CT_REFRESH_NS)
+                    seen->last_seen_ns = now;
+                count(endpoint_id, REASON_PASS_ESTABLISHED);
+                return TC_ACT_OK;
+            }
+        }
+    }
+
+    u32 reason = judge(endpoint_id, &f, now);
+    if (reason == REASON_PASS_ALLOWED) {
+#if FQDN_RECORD_FLOWS
+        if (!f.later_fragment) {
+            struct ct_value fresh = {.last_seen_ns = now, .created_ns = now};
+            ct.update(&key, &fresh);
+        }
+#endif
+        count(endpoint_id, REASON_PASS_ALLOWED);
+        return TC_ACT_OK;
+    }
+
+    if (f.protocol == IPPROTO_TCP || f.protocol == IPPROTO_UDP) {
+        struct dns_key dk = {.family = f.family, .protocol = f.protocol, .port = f.dport};
+        __builtin_memcpy(dk.addr, f.daddr, 16);
+        if (dns_targets.lookup(&dk)) {
+            count(endpoint_id, REASON_PASS_DNS);
+            return TC_ACT_OK;
+        }
+    }
+    return deny(skb, &f, endpoint_id, flags, reason, now);
+}
+
+/* --- layout checks: datapath/maps.py passes its own sizes and offsets ------------------------ */
+#define FQDN_CHECK(expr) _Static_assert(expr, #expr)
+FQDN_CHECK(sizeof(struct endpoint_key) == 20);
+FQDN_CHECK(sizeof(struct allow_value) == 16 + 8 * FQDN_MAX_PORT_RANGES);
+FQDN_CHECK(sizeof(struct ct_key) == 44);
+FQDN_CHECK(sizeof(struct drop_event) == 64);
+#ifdef FQDN_EXPECT_LAYOUT_VERSION
+FQDN_CHECK(FQDN_LAYOUT_VERSION == FQDN_EXPECT_LAYOUT_VERSION);
+#endif
+#ifdef FQDN_EXPECT_LAYOUT
+/* FQDN_EXPECT_LAYOUT expands to a list of FQDN_EXPECT(struct, field, offset) and
+ * FQDN_EXPECT_SIZE(struct, size) items, generated by datapath/maps.py. */
+#define FQDN_EXPECT_SIZE(s, n) FQDN_CHECK(sizeof(struct s) == (n));
+#define FQDN_EXPECT(s, field, off) FQDN_CHECK(__builtin_offsetof(struct s, field) == (off));
+FQDN_EXPECT_LAYOUT
+#endif

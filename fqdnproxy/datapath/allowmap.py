@@ -1,0 +1,232 @@
+"""Allow entries and the writer the proxy consumes: ``AllowMapWriter`` and its in-memory form.
+
+The proxy learns (endpoint, IP, ports, expiry) from DNS answers and writes them through an
+``AllowMapWriter``. In production that is ``egress.EgressDatapath`` (the kernel maps); the
+proxy's loopback tests use ``InMemoryAllowMap``, which applies the same matching rule as the
+kernel (exact entry first, then the longest covering prefix) so tests can ask what would pass.
+Neither this module nor its callers need bcc.
+
+Expiry is in kernel monotonic nanoseconds (``kernel_now_ns()``), the clock bpf_ktime_get_ns()
+reads; 0 means static (CIDR and endpoint rules never expire).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, Union
+
+from fqdnproxy.errors import FqdnproxyError
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+MAX_PORT_RANGES = 8  # FQDN_MAX_PORT_RANGES in bpf/fqdn_egress.c
+PROTOCOLS = {"any": 0, "icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58}
+PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
+
+
+class AllowEntryError(FqdnproxyError, ValueError):
+    """An allow entry the datapath cannot hold."""
+
+
+def kernel_now_ns() -> int:
+    """Return the kernel's monotonic clock in ns: what bpf_ktime_get_ns() reads right now."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+@dataclass(frozen=True, order=True)
+class PortRange:
+    """Destination ports ``first``..``last`` (inclusive) of ``protocol`` (IPPROTO number, 0 = any).
+
+    ICMP ranges ignore ports: ``PortRange(1)`` admits ICMP echo requests.
+    """
+
+    protocol: int = 0
+    first: int = 0
+    last: int = 65535
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.protocol <= 255:
+            raise AllowEntryError(f"protocol {self.protocol} is not an IP protocol number")
+        if not 0 <= self.first <= self.last <= 65535:
+            raise AllowEntryError(f"bad port range {self.first}-{self.last}")
+
+    @classmethod
+    def parse(cls, text: str) -> PortRange:
+        """Parse ``tcp/443``, ``udp/1000-2000``, ``icmp`` or ``any``."""
+        proto, _, ports = text.partition("/")
+        if proto.lower() not in PROTOCOLS:
+            raise AllowEntryError(f"unknown protocol in {text!r}")
+        number = PROTOCOLS[proto.lower()]
+        if not ports:
+            return cls(number)
+        first, _, last = ports.partition("-")
+        return cls(number, int(first), int(last or first))
+
+    def admits(self, protocol: int, port: int | None) -> bool:
+        """Report whether a packet of ``protocol`` to ``port`` (None: no ports) matches."""
+        if self.protocol and self.protocol != protocol:
+            return False
+        if port is None or protocol in (1, 58):
+            return True
+        if protocol not in (6, 17):
+            return self.protocol == 0
+        return self.first <= port <= self.last
+
+    def __str__(self) -> str:
+        name = PROTOCOL_NAMES.get(self.protocol, str(self.protocol))
+        if self.protocol in (1, 58) or (self.first, self.last) == (0, 65535):
+            return name
+        return f"{name}/{self.first}" if self.first == self.last else f"{name}/{self.first}-{self.last}"
+
+
+ANY_PORT = (PortRange(),)
+
+
+@dataclass(frozen=True)
+class AllowKey:
+    """What identifies an allow entry: the endpoint and the destination prefix."""
+
+    endpoint_id: int
+    network: Network
+
+    @property
+    def sort_key(self) -> tuple[int, int, int, int]:
+        n = self.network
+        return (self.endpoint_id, n.version, int(n.network_address), n.prefixlen)
+
+    @property
+    def exact(self) -> bool:
+        """True for a /32 or /128: these live in the kernel's exact-match hash."""
+        return self.network.prefixlen == self.network.max_prefixlen
+
+
+@dataclass(frozen=True)
+class AllowEntry:
+    """Endpoint ``endpoint_id`` may open flows to ``network`` on ``ports`` until ``expiry_ns``.
+
+    ``network`` accepts an address (a /32 or /128) or a prefix string; ``expiry_ns`` is kernel
+    monotonic ns (0 = static).
+    """
+
+    endpoint_id: int
+    network: Network
+    expiry_ns: int = 0
+    ports: tuple[PortRange, ...] = ANY_PORT
+
+    def __post_init__(self) -> None:
+        net = self.network
+        if not isinstance(net, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            try:
+                net = ipaddress.ip_network(net, strict=True)
+            except ValueError as exc:
+                raise AllowEntryError(f"bad destination {self.network!r}: {exc}") from exc
+            object.__setattr__(self, "network", net)
+        if not 0 <= self.endpoint_id < 2**32:
+            raise AllowEntryError(f"endpoint id {self.endpoint_id} does not fit in u32")
+        if self.expiry_ns < 0:
+            raise AllowEntryError("expiry_ns must be >= 0 (0 = static)")
+        ports = tuple(self.ports)
+        if not 1 <= len(ports) <= MAX_PORT_RANGES:
+            raise AllowEntryError(
+                f"{len(ports)} port ranges for {net}: the datapath holds 1 to {MAX_PORT_RANGES}"
+            )
+        object.__setattr__(self, "ports", ports)
+
+    @property
+    def key(self) -> AllowKey:
+        """The (endpoint, prefix) this entry replaces on upsert."""
+        return AllowKey(self.endpoint_id, self.network)
+
+    def expired(self, now_ns: int) -> bool:
+        """Report whether the kernel would treat the entry as expired at ``now_ns``."""
+        return self.expiry_ns != 0 and self.expiry_ns <= now_ns
+
+
+class AllowMapWriter(Protocol):
+    """What the proxy needs from the allow map: write learned entries, forget them."""
+
+    def upsert_allows(self, entries: Sequence[AllowEntry]) -> None:
+        """Insert or replace entries (one per endpoint and prefix), in batches."""
+        ...
+
+    def delete_allows(self, keys: Sequence[AllowKey]) -> int:
+        """Delete entries by key; return how many existed."""
+        ...
+
+
+class NullAllowMap:
+    """An ``AllowMapWriter`` that writes nothing: the proxy without a datapath."""
+
+    def upsert_allows(self, entries: Sequence[AllowEntry]) -> None:
+        """Discard ``entries``."""
+
+    def delete_allows(self, keys: Sequence[AllowKey]) -> int:
+        """Delete nothing."""
+        return 0
+
+
+class InMemoryAllowMap:
+    """An ``AllowMapWriter`` in a dict, matching like the kernel does (for loopback tests).
+
+    Not a model of the kernel's maps, only of their contract: upsert replaces per key, the exact
+    (/32, /128) entry is tried first and then the longest covering prefix, expiry is checked
+    against the ``now_ns`` the caller passes.
+    """
+
+    def __init__(self, entries: Iterable[AllowEntry] = ()) -> None:
+        self._entries: dict[tuple[int, Network], AllowEntry] = {}
+        self.upsert_allows(list(entries))
+
+    def upsert_allows(self, entries: Sequence[AllowEntry]) -> None:
+        """Insert or replace ``entries``."""
+        for entry in entries:
+            self._entries[(entry.endpoint_id, entry.network)] = entry
+
+    def delete_allows(self, keys: Sequence[AllowKey]) -> int:
+        """Delete ``keys``; return how many existed."""
+        return sum(self._entries.pop((k.endpoint_id, k.network), None) is not None for k in keys)
+
+    def lookup(self, key: AllowKey) -> AllowEntry | None:
+        """Return the entry stored under ``key`` (no prefix matching)."""
+        return self._entries.get((key.endpoint_id, key.network))
+
+    def dump(self) -> list[AllowEntry]:
+        """Return every entry, ordered by endpoint, family, address and prefix length."""
+        return sorted(self._entries.values(), key=lambda e: e.key.sort_key)
+
+    def gc(self, now_ns: int, batch: int = 4096) -> int:
+        """Delete up to ``batch`` expired entries; return how many."""
+        doomed = [k for k, e in self._entries.items() if e.expired(now_ns)][:batch]
+        for k in doomed:
+            del self._entries[k]
+        return len(doomed)
+
+    def admits(
+        self, endpoint_id: int, destination: str | Address, protocol: int, port: int | None, now_ns: int
+    ) -> bool:
+        """Report whether a new flow would pass the allow stage in the kernel at ``now_ns``."""
+        address = ipaddress.ip_address(destination)
+        exact = self._entries.get((endpoint_id, ipaddress.ip_network(address)))
+        if exact is not None and not exact.expired(now_ns) and _ports_admit(exact, protocol, port):
+            return True
+        covering = [
+            e
+            for (eid, net), e in self._entries.items()
+            if eid == endpoint_id and net.version == address.version and address in net
+            and net.prefixlen < net.max_prefixlen
+        ]
+        if not covering:
+            return False
+        longest = max(covering, key=lambda e: e.network.prefixlen)  # the trie returns only this
+        return not longest.expired(now_ns) and _ports_admit(longest, protocol, port)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _ports_admit(entry: AllowEntry, protocol: int, port: int | None) -> bool:
+    return any(r.admits(protocol, port) for r in entry.ports)

@@ -1,0 +1,199 @@
+"""``EgressDatapath``: compile bpf/fqdn_egress.c, pin or reuse its maps, attach it, drive it.
+
+    dp = EgressDatapath.load(Path("/sys/fs/bpf/fqdnproxy"), Options())
+    dp.attach("lxc1234")                       # the endpoint's host-side veth
+    dp.set_endpoint("192.0.2.10", 7, EndpointFlags.ENFORCE_EGRESS, ifindex)
+    dp.upsert_allows([AllowEntry(7, "203.0.113.5/32", kernel_now_ns() + ttl_ns, ports)])
+
+The maps outlive the process (pinned) and the program outlives it too (the tc filter holds it).
+A new process's load() reuses the pins; its attach() replaces the program in place.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fqdnproxy.datapath import attach as tc
+from fqdnproxy.datapath import bpfsys, maps, pinned, toolchain
+from fqdnproxy.datapath.allowmap import AllowEntry, AllowKey, Address
+from fqdnproxy.datapath.events import DropEvent, DropEventReader
+from fqdnproxy.datapath.metrics import DatapathMetrics
+from fqdnproxy.errors import FqdnproxyError
+
+SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "fqdn_egress.c"
+PROGRAM = "fqdn_egress"
+DEFAULT_BPFFS = Path("/sys/fs/bpf")
+NS = 1_000_000_000
+
+
+class DatapathError(FqdnproxyError):
+    """The datapath could not be loaded."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """Compile-time options of the program; each becomes a -D flag (see the C file's top)."""
+
+    endpoints_max: int = 4096  # entries in `endpoints` and `ifaces`
+    allow_max: int = 262144  # entries in `allow_exact`, and in `allow` (fixed when first pinned)
+    ct_max: int = 262144  # flows in `ct` (LRU: the least recently seen go first)
+    ct_tcp_idle_s: float = 6 * 3600  # an idle TCP flow needs a new allow hit after this
+    ct_other_idle_s: float = 60  # same for UDP, ICMP and the rest
+    events_per_sec: int = 100  # drop events per endpoint and second; the rest are counted
+    record_flows: bool = True  # False only for benchmarks of the allow-lookup path
+
+    def cflags(self, pin_dir: Path) -> list[str]:
+        """The -D flags for these options and ``pin_dir``."""
+        return [
+            f'-DFQDN_PIN_DIR="{pin_dir}"',
+            f"-DFQDN_ENDPOINTS_MAX={self.endpoints_max}",
+            f"-DFQDN_ALLOW_MAX={self.allow_max}",
+            f"-DFQDN_CT_MAX={self.ct_max}",
+            f"-DFQDN_CT_TCP_IDLE_NS={int(self.ct_tcp_idle_s * NS)}ULL",
+            f"-DFQDN_CT_OTHER_IDLE_NS={int(self.ct_other_idle_s * NS)}ULL",
+            f"-DFQDN_EVENTS_PER_SEC={self.events_per_sec}",
+            f"-DFQDN_RECORD_FLOWS={int(self.record_flows)}",
+        ]
+
+
+def ensure_bpffs(pin_dir: Path, mountpoint: Path = DEFAULT_BPFFS) -> None:
+    """Make ``pin_dir`` exist on a bpf filesystem, mounting one on ``mountpoint`` if needed.
+
+    Raises:
+        DatapathError: ``pin_dir`` is outside ``mountpoint`` and not on bpffs.
+    """
+    if pin_dir.is_dir() and bpfsys.is_bpffs(pin_dir):
+        return
+    if not bpfsys.is_bpffs(mountpoint):
+        if not (pin_dir == mountpoint or mountpoint in pin_dir.parents):
+            raise DatapathError(f"{pin_dir} is not on a bpf filesystem, and not under {mountpoint}")
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        bpfsys.mount_bpffs(mountpoint)
+    pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not bpfsys.is_bpffs(pin_dir):
+        raise DatapathError(f"{pin_dir} is not on a bpf filesystem")
+
+
+class EgressDatapath:
+    """One loaded instance of the egress program and its pinned maps.
+
+    Map operations (endpoints, allows, counters, GC) come from ``pinned.PinnedMaps`` and work
+    the same from any process; attach, detach and drop events need this loaded program.
+    """
+
+    def __init__(self, bpf: Any, fn: Any, maps_: pinned.PinnedMaps, options: Options,
+                 metrics: DatapathMetrics) -> None:
+        self._bpf = bpf
+        self._fn = fn
+        self.maps = maps_
+        self.options = options
+        self.metrics = metrics
+        self._reader: DropEventReader | None = None
+
+    @classmethod
+    def load(cls, pin_dir: str | Path = pinned.DEFAULT_PIN_DIR, options: Options = Options(),
+             *, bpffs: Path = DEFAULT_BPFFS, metrics: DatapathMetrics | None = None,
+             source: Path = SOURCE) -> EgressDatapath:
+        """Compile and load the program, creating the pinned maps or reusing existing ones.
+
+        Raises:
+            LayoutMismatch: existing pins have another layout; the message says how to migrate.
+            ToolchainError: bcc or the kernel headers are unusable, or the C does not compile.
+            DatapathError: no bpffs.
+        """
+        pin_dir = Path(pin_dir)
+        ensure_bpffs(pin_dir, bpffs)
+        pinned.check_layout(pin_dir)  # before bcc would silently reuse a mismatched map
+        cflags = options.cflags(pin_dir) + maps.layout_cflags()
+        bpf = toolchain.compile_program(source.read_text(), cflags)
+        try:
+            fn = bpf.load_func(PROGRAM.encode(), bpf.SCHED_CLS)
+            maps_ = pinned.PinnedMaps.open(pin_dir)
+        except Exception:
+            bpf.cleanup()
+            raise
+        if maps_.layout_version() == 0:
+            maps_.stamp_layout()
+        return cls(bpf, fn, maps_, options, metrics or DatapathMetrics())
+
+    @property
+    def prog_fd(self) -> int:
+        """The loaded program's fd (BPF_PROG_TEST_RUN, tc)."""
+        return int(self._fn.fd)
+
+    def close(self) -> None:
+        """Release this process's handles; pins and attached filters stay."""
+        self.maps.close()
+        self._bpf.cleanup()
+
+    def __enter__(self) -> EgressDatapath:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- attachment -----------------------------------------------------------------------------
+
+    def attach(self, interface: str | int, netns: str | None = None) -> int:
+        """Gate ``interface``'s ingress (an endpoint's egress); replaces our earlier program.
+
+        Idempotent; returns the interface index. Raises ``AttachError``.
+        """
+        return tc.attach(self.prog_fd, PROGRAM, interface, netns)
+
+    def detach(self, interface: str | int, netns: str | None = None) -> bool:
+        """Remove our filter from ``interface``; idempotent, other filters stay."""
+        return tc.detach(interface, netns)
+
+    # --- maps (see pinned.PinnedMaps) -----------------------------------------------------------
+
+    def set_endpoint(self, ip: str | Address, endpoint_id: int, flags: int, ifindex: int = 0) -> None:
+        """See ``PinnedMaps.set_endpoint``."""
+        self.maps.set_endpoint(ip, endpoint_id, flags, ifindex)
+
+    def remove_endpoint(self, ip: str | Address) -> bool:
+        """See ``PinnedMaps.remove_endpoint``."""
+        return self.maps.remove_endpoint(ip)
+
+    def set_dns_target(self, ip: str | Address, port: int = 53) -> None:
+        """See ``PinnedMaps.set_dns_target``."""
+        self.maps.set_dns_target(ip, port)
+
+    def upsert_allows(self, entries: Sequence[AllowEntry]) -> None:
+        """See ``PinnedMaps.upsert_allows``."""
+        self.maps.upsert_allows(entries)
+
+    def delete_allows(self, keys: Sequence[AllowKey]) -> int:
+        """See ``PinnedMaps.delete_allows``."""
+        return self.maps.delete_allows(keys)
+
+    def lookup(self, key: AllowKey) -> AllowEntry | None:
+        """See ``PinnedMaps.lookup``."""
+        return self.maps.lookup(key)
+
+    def dump(self) -> list[AllowEntry]:
+        """See ``PinnedMaps.dump``."""
+        return self.maps.dump()
+
+    def counters(self) -> dict[int, dict[maps.Reason, int]]:
+        """See ``PinnedMaps.counters``."""
+        return self.maps.counters()
+
+    def gc(self, now_ns: int, batch: int = pinned.BATCH) -> int:
+        """Delete up to ``batch`` expired entries (blocking: run it in a thread); count them."""
+        started = time.monotonic()
+        deleted = self.maps.gc(now_ns, batch)
+        self.metrics.gc_deleted.inc(deleted)
+        self.metrics.gc_seconds.observe(time.monotonic() - started)
+        return deleted
+
+    def drop_events(self, sink: Callable[[DropEvent], None] | None = None) -> DropEventReader:
+        """The reader of this program's drop events (one per instance)."""
+        if self._reader is None:
+            self._reader = DropEventReader(self._bpf, sink)
+        return self._reader

@@ -1,0 +1,339 @@
+"""The pinned maps of one pin directory: open, check the layout, read and write them.
+
+Works without bcc and without the program: ``fqdnproxy map dump`` and the agent's GC thread use
+it directly, and ``egress.EgressDatapath`` uses it after bcc created or reused the pins. Every
+map is opened by path, so several processes (an agent and a dump) see the same kernel maps.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import ipaddress
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from fqdnproxy.datapath import bpfsys, maps
+from fqdnproxy.datapath.allowmap import AllowEntry, AllowKey, Address
+from fqdnproxy.errors import FqdnproxyError
+
+DEFAULT_PIN_DIR = Path("/sys/fs/bpf/fqdnproxy")
+BATCH = 8192  # entries per bpf() call: bounded memory, few syscalls
+_NO_BATCH = {errno.EINVAL, errno.ENOTSUP, 524}  # 524: the kernel's ENOTSUPP
+
+
+class LayoutMismatch(FqdnproxyError):
+    """The pinned maps were made by another fqdnproxy version; run `fqdnproxy map migrate`."""
+
+    def __init__(self, pin_dir: Path, problems: Sequence[str]) -> None:
+        super().__init__(
+            f"pinned maps in {pin_dir} do not match this build's layout (version "
+            f"{maps.LAYOUT_VERSION}): {'; '.join(problems)}. Migrate with `fqdnproxy map migrate "
+            f"--pin-dir {pin_dir}`, or delete the directory (`rm -r {pin_dir}`) and restart: "
+            "enforcement stops until the agent reloads, and DNS learning refills the allow map"
+        )
+        self.pin_dir = pin_dir
+        self.problems = tuple(problems)
+
+
+class NotPinned(FqdnproxyError):
+    """No fqdnproxy maps are pinned there; is the agent running with this --pin-dir?"""
+
+
+def possible_cpus() -> int:
+    """How many per-CPU slots a per-CPU map value has (the kernel's possible CPUs)."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    total = 0
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        total += int(last or first) - int(first) + 1
+    return total
+
+
+def check_layout(pin_dir: Path) -> bool:
+    """Check what is pinned in ``pin_dir`` against this build; return True if maps exist.
+
+    Raises:
+        LayoutMismatch: a map's key or value size, or the stored layout version, differs.
+    """
+    problems = []
+    found = False
+    for name in maps.PINNED_MAPS:
+        path = pin_dir / name
+        if not path.exists():
+            continue
+        found = True
+        fd = bpfsys.obj_get(path)
+        try:
+            info = bpfsys.map_info(fd)
+            want = maps.MAP_SIZES[name]
+            if name == "counters":
+                want = (want[0], info.value_size)  # the kernel reports the per-CPU slot size
+            if (info.key_size, info.value_size) != want:
+                problems.append(
+                    f"map {name} has key/value sizes {info.key_size}/{info.value_size}, "
+                    f"expected {want[0]}/{want[1]}"
+                )
+            if name == "meta" and not problems:
+                value = maps.MetaValue()
+                bpfsys.lookup(fd, ctypes.c_uint32(0), value)
+                if value.layout_version not in (0, maps.LAYOUT_VERSION):
+                    problems.append(f"stored layout version is {value.layout_version}")
+        finally:
+            os.close(fd)
+    if problems:
+        raise LayoutMismatch(pin_dir, problems)
+    return found
+
+
+def _pack_values(entries: Sequence[AllowEntry]) -> bytes:
+    out = bytearray()
+    pad = b"\x00" * 8 * (maps.MAX_PORT_RANGES - 1)
+    for e in entries:
+        out += struct.pack("<QII", e.expiry_ns, len(e.ports), 0)
+        ranges = b"".join(struct.pack("<HHB3x", r.first, r.last, r.protocol) for r in e.ports)
+        out += ranges + pad[: 8 * maps.MAX_PORT_RANGES - len(ranges)]
+    return bytes(out)
+
+
+def _pack_exact_keys(entries: Sequence[AllowEntry]) -> bytes:
+    return b"".join(
+        struct.pack("<I", e.endpoint_id) + maps.pack_addr(e.network.network_address) for e in entries
+    )
+
+
+class PinnedMaps:
+    """File descriptors of the maps pinned in one directory, with typed operations."""
+
+    def __init__(self, pin_dir: Path, fds: dict[str, int]) -> None:
+        self.pin_dir = pin_dir
+        self._fds = fds
+        self._ncpus = possible_cpus()
+
+    @classmethod
+    def open(cls, pin_dir: str | Path = DEFAULT_PIN_DIR) -> PinnedMaps:
+        """Open the maps pinned in ``pin_dir`` after checking their layout.
+
+        Raises:
+            NotPinned: nothing is pinned there.
+            LayoutMismatch: the pins come from another layout version.
+        """
+        pin_dir = Path(pin_dir)
+        if not check_layout(pin_dir):
+            raise NotPinned(f"no fqdnproxy maps are pinned in {pin_dir}")
+        fds = {}
+        try:
+            for name in maps.PINNED_MAPS:
+                fds[name] = bpfsys.obj_get(pin_dir / name)
+        except bpfsys.BpfError:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        return cls(pin_dir, fds)
+
+    def close(self) -> None:
+        """Close the fds (the maps stay pinned)."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def __enter__(self) -> PinnedMaps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- layout version ----------------------------------------------------------------------
+
+    def layout_version(self) -> int:
+        """The layout version stored with the maps (0 until the first load writes it)."""
+        value = maps.MetaValue()
+        bpfsys.lookup(self._fds["meta"], ctypes.c_uint32(0), value)
+        return value.layout_version
+
+    def stamp_layout(self) -> None:
+        """Store this build's layout version with the maps."""
+        bpfsys.update(self._fds["meta"], ctypes.c_uint32(0),
+                      maps.MetaValue(layout_version=maps.LAYOUT_VERSION))
+
+    # --- endpoints ----------------------------------------------------------------------------
+
+    def set_endpoint(self, ip: str | Address, endpoint_id: int, flags: int, ifindex: int = 0) -> None:
+        """Make source ``ip`` endpoint ``endpoint_id`` with ``flags`` (EndpointFlags).
+
+        A non-zero ``ifindex`` (the host-side interface, in the namespace the program is attached
+        in) turns on anti-spoofing: from then on, packets from ``ip`` on other interfaces and
+        packets on ``ifindex`` from unknown sources are dropped when ENFORCE_EGRESS is set.
+        """
+        address = ipaddress.ip_address(ip)
+        value = maps.EndpointValue(endpoint_id=endpoint_id, flags=int(flags), ifindex=ifindex)
+        bpfsys.update(self._fds["endpoints"], maps.endpoint_key(address), value)
+        if ifindex:
+            bpfsys.update(self._fds["ifaces"], ctypes.c_uint32(ifindex),
+                          maps.IfaceValue(endpoint_id=endpoint_id, flags=int(flags)))
+
+    def remove_endpoint(self, ip: str | Address) -> bool:
+        """Forget source ``ip``; its interface is released when no other address uses it."""
+        address = ipaddress.ip_address(ip)
+        key = maps.endpoint_key(address)
+        value = maps.EndpointValue()
+        if not bpfsys.lookup(self._fds["endpoints"], key, value):
+            return False
+        bpfsys.delete(self._fds["endpoints"], key)
+        if value.ifindex and not any(v.ifindex == value.ifindex for _, v in self.endpoints()):
+            bpfsys.delete(self._fds["ifaces"], ctypes.c_uint32(value.ifindex))
+        return True
+
+    def endpoints(self) -> list[tuple[Address, maps.EndpointValue]]:
+        """Every (source address, endpoint value)."""
+        return [(maps.unpack_addr(bytes(k.addr), k.family), v)
+                for k, v in self._iterate("endpoints", maps.EndpointKey, maps.EndpointValue)]
+
+    # --- DNS targets --------------------------------------------------------------------------
+
+    def set_dns_target(self, ip: str | Address, port: int = 53, protocols: Sequence[int] = (6, 17)) -> None:
+        """Let enforced endpoints always reach the DNS proxy at ``ip``:``port``."""
+        for proto in protocols:
+            bpfsys.update(self._fds["dns_targets"],
+                          maps.dns_key(ipaddress.ip_address(ip), port, proto), ctypes.c_uint32(1))
+
+    def remove_dns_target(self, ip: str | Address, port: int = 53, protocols: Sequence[int] = (6, 17)) -> None:
+        """Undo ``set_dns_target``."""
+        for proto in protocols:
+            bpfsys.delete(self._fds["dns_targets"], maps.dns_key(ipaddress.ip_address(ip), port, proto))
+
+    # --- allow entries -------------------------------------------------------------------------
+
+    def upsert_allows(self, entries: Sequence[AllowEntry]) -> None:
+        """Insert or replace entries, /32 and /128 into the exact hash, the rest into the trie.
+
+        One BPF_MAP_UPDATE_BATCH per ``BATCH`` entries. Each (endpoint, prefix) holds one entry:
+        callers merge the ports of rules for the same prefix (DESIGN.md, merge rule).
+        """
+        exact = [e for e in entries if e.key.exact]
+        trie = [e for e in entries if not e.key.exact]
+        for start in range(0, len(exact), BATCH):
+            chunk = exact[start:start + BATCH]
+            keys = ctypes.create_string_buffer(_pack_exact_keys(chunk), len(chunk) * 20)
+            values = ctypes.create_string_buffer(_pack_values(chunk), len(chunk) * 80)
+            bpfsys.update_batch(self._fds["allow_exact"], keys, values, len(chunk))
+        for entry in trie:  # CIDR rules: few, and the trie's batch support varies by kernel
+            bpfsys.update(self._fds["allow"], maps.encode_key(entry.key), maps.encode_value(entry))
+
+    def delete_allows(self, keys: Sequence[AllowKey]) -> int:
+        """Delete entries by key; return how many existed."""
+        deleted = 0
+        for key in keys:
+            name = "allow_exact" if key.exact else "allow"
+            deleted += bpfsys.delete(self._fds[name], maps.encode_key(key))
+        return deleted
+
+    def lookup(self, key: AllowKey) -> AllowEntry | None:
+        """Return the entry stored under exactly ``key`` (no prefix matching)."""
+        value = maps.AllowValue()
+        name = "allow_exact" if key.exact else "allow"
+        if not bpfsys.lookup(self._fds[name], maps.encode_key(key), value):
+            return None
+        return maps.decode_value(key, value)
+
+    def dump(self) -> list[AllowEntry]:
+        """Every allow entry of both maps, ordered by endpoint, family, address, prefix."""
+        out = []
+        for name, key_type in (("allow_exact", maps.ExactKey), ("allow", maps.AllowKeyC)):
+            for raw_key, raw_value in self._iterate(name, key_type, maps.AllowValue):
+                key = maps.decode_key(raw_key)
+                out.append(maps.decode_value(key, raw_value))
+        return sorted(out, key=lambda e: e.key.sort_key)
+
+    def gc(self, now_ns: int, batch: int = BATCH) -> int:
+        """Delete up to ``batch`` entries that expired before ``now_ns``; return how many.
+
+        The kernel already refuses expired entries; this only frees their memory. It walks the
+        maps with batched lookups, so call it from a worker thread, not the event loop.
+        """
+        deleted = 0
+        for name, key_type in (("allow_exact", maps.ExactKey), ("allow", maps.AllowKeyC)):
+            doomed = []
+            for raw_key, raw_value in self._iterate(name, key_type, maps.AllowValue):
+                if raw_value.expiry_ns and raw_value.expiry_ns <= now_ns:
+                    doomed.append(key_type.from_buffer_copy(raw_key))
+                    if deleted + len(doomed) >= batch:
+                        break
+            for key in doomed:
+                deleted += bpfsys.delete(self._fds[name], key)
+            if deleted >= batch:
+                break
+        return deleted
+
+    # --- counters and flows --------------------------------------------------------------------
+
+    def counters(self) -> dict[int, dict[maps.Reason, int]]:
+        """Packets per endpoint and reason, summed over CPUs (endpoint id -> reason -> count)."""
+        fd = self._fds["counters"]
+        values = (ctypes.c_uint64 * self._ncpus)()
+        out: dict[int, dict[maps.Reason, int]] = {}
+        for key in self._keys(fd, maps.CounterKey):
+            if bpfsys.lookup(fd, key, values):
+                reasons = out.setdefault(key.endpoint_id, {})
+                reasons[maps.Reason(key.reason)] = sum(values)
+        return out
+
+    def flows(self) -> list[tuple[maps.CtKey, maps.CtValue]]:
+        """Every recorded flow (``ct``)."""
+        return list(self._iterate("ct", maps.CtKey, maps.CtValue))
+
+    # --- iteration -----------------------------------------------------------------------------
+
+    def _keys(self, fd: int, key_type: type[ctypes.Structure]) -> list[ctypes.Structure]:
+        keys = []
+        key = None
+        while True:
+            nxt = key_type()
+            if not bpfsys.next_key(fd, key, nxt):
+                return keys
+            keys.append(nxt)
+            key = nxt
+
+    def _iterate(self, name: str, key_type: type, value_type: type) -> Iterator[tuple]:
+        """Yield (key, value) pairs, by BPF_MAP_LOOKUP_BATCH where the map supports it."""
+        fd = self._fds[name]
+        try:
+            yield from self._iterate_batched(fd, key_type, value_type)
+            return
+        except bpfsys.BpfError as exc:
+            if exc.errno not in _NO_BATCH:
+                raise
+        value = value_type()
+        for key in self._keys(fd, key_type):
+            if bpfsys.lookup(fd, key, value):
+                yield key, value_type.from_buffer_copy(value)
+
+    @staticmethod
+    def _iterate_batched(fd: int, key_type: type, value_type: type) -> Iterator[tuple]:
+        count = 4096
+        keys = (key_type * count)()
+        values = (value_type * count)()
+        token_in = ctypes.create_string_buffer(max(ctypes.sizeof(key_type), 8))
+        token_out = ctypes.create_string_buffer(max(ctypes.sizeof(key_type), 8))
+        first = True
+        while True:
+            n, done = bpfsys.lookup_batch(fd, None if first else token_in, token_out, keys, values, count)
+            for i in range(n):
+                yield keys[i], values[i]
+            if done:
+                return
+            first = False
+            ctypes.memmove(token_in, token_out, len(token_out))
+
+
+def _clear(maps_: PinnedMaps, name: str, key_type: type) -> int:
+    fd = maps_._fds[name]
+    keys = maps_._keys(fd, key_type)
+    return sum(bpfsys.delete(fd, k) for k in keys)
+
+
+def clear_flows(maps_: PinnedMaps) -> int:
+    """Forget every recorded flow (established flows then need a new allow hit)."""
+    return _clear(maps_, "ct", maps.CtKey)

@@ -1,0 +1,83 @@
+"""Pure tests: allow entries, their codecs, and the in-memory allow map's matching rule."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from fqdnproxy.datapath import allowmap, maps
+from fqdnproxy.datapath.allowmap import AllowEntry, AllowKey, InMemoryAllowMap, PortRange
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("tcp/443", PortRange(6, 443, 443)),
+    ("udp/1000-2000", PortRange(17, 1000, 2000)),
+    ("icmp", PortRange(1)),
+    ("any", PortRange()),
+])
+def test_port_range_parse(text: str, expected: PortRange) -> None:
+    assert PortRange.parse(text) == expected
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"endpoint_id": -1, "network": "192.0.2.1/32"},
+    {"endpoint_id": 1, "network": "192.0.2.1/24"},  # host bits set
+    {"endpoint_id": 1, "network": "192.0.2.1/32", "expiry_ns": -5},
+    {"endpoint_id": 1, "network": "192.0.2.1/32", "ports": ()},
+    {"endpoint_id": 1, "network": "192.0.2.1/32", "ports": (PortRange(),) * 9},
+])
+def test_bad_entries_are_refused(kwargs: dict) -> None:
+    with pytest.raises(allowmap.AllowEntryError):
+        AllowEntry(**kwargs)
+
+
+@pytest.mark.parametrize("net", ["192.0.2.1/32", "198.51.100.0/24", "2001:db8::5/128", "2001:db8::/48",
+                                 "0.0.0.0/0"])
+def test_codec_round_trip(net: str) -> None:
+    entry = AllowEntry(7, net, 123, (PortRange(6, 80, 443), PortRange(17, 53, 53)))
+    key = maps.encode_key(entry.key)
+    assert isinstance(key, maps.ExactKey) == entry.key.exact
+    assert maps.decode_value(maps.decode_key(key), maps.encode_value(entry)) == entry
+
+
+def test_ipv4_trie_prefixlen_counts_endpoint_and_mapping_bits() -> None:
+    assert maps.trie_prefixlen(ipaddress.ip_network("198.51.100.0/24")) == 32 + 96 + 24
+    assert maps.trie_prefixlen(ipaddress.ip_network("2001:db8::/32")) == 32 + 32
+
+
+def test_in_memory_map_matches_like_the_kernel() -> None:
+    m = InMemoryAllowMap([
+        AllowEntry(1, "203.0.113.0/24", 0, (PortRange(17, 9000, 9000),)),
+        AllowEntry(1, "203.0.113.5/32", 100, (PortRange(6, 8080, 8080),)),
+        AllowEntry(1, "203.0.0.0/16", 0, (PortRange(6, 22, 22),)),
+    ])
+    assert m.admits(1, "203.0.113.5", 6, 8080, now_ns=50)
+    assert m.admits(1, "203.0.113.5", 17, 9000, now_ns=50)  # exact misses the port: the /24 applies
+    assert not m.admits(1, "203.0.113.5", 6, 8080, now_ns=100)  # expired
+    assert not m.admits(1, "203.0.113.9", 6, 22, now_ns=0)  # the trie returns only the /24
+    assert m.admits(1, "203.0.7.1", 6, 22, now_ns=0)
+    assert not m.admits(2, "203.0.113.5", 6, 8080, now_ns=0)
+    assert m.gc(now_ns=100) == 1 and len(m) == 2
+    assert m.delete_allows([AllowKey(1, ipaddress.ip_network("203.0.0.0/16"))]) == 1
+
+
+def test_null_map_is_a_writer() -> None:
+    writer: allowmap.AllowMapWriter = allowmap.NullAllowMap()
+    writer.upsert_allows([AllowEntry(1, "192.0.2.1/32")])
+    assert writer.delete_allows([AllowKey(1, ipaddress.ip_network("192.0.2.1/32"))]) == 0
+
+
+def test_kernel_now_is_monotonic_ns() -> None:
+    import time
+
+    assert abs(allowmap.kernel_now_ns() - time.monotonic_ns()) < 1_000_000_000
+
+
+def test_importable_without_bcc() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['bcc'] = None; "
+            "from fqdnproxy.datapath import allowmap, maps, pinned; print('ok')")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == "ok\n"
