@@ -15,6 +15,7 @@ from fqdnproxy.lab import knot
 from fqdnproxy.lab.agent_process import AgentProcess
 from tests.integration.test_knot import _knotd_present
 from tests.conftest import require
+from tests.support.audit_schema import validate
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,8 @@ def test_audit_records_and_metrics_after_a_clean_stop(agent: AgentProcess, tmp_p
     assert 'fqdnproxy_queries_total{protocol="udp",qtype="A",verdict="allowed"} 1.0' in text
     assert agent.stop(signal.SIGTERM) == 0
     lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    for line in lines:
+        validate(json.loads(line))
     record = json.loads(lines[-1])
     assert record["type"] == "answer"
     assert record["query"] == {"name": "www.demo.test.", "type": "A", "class": 1,

@@ -14,20 +14,10 @@ from dnslib import EDNS0, QTYPE, DNSRecord
 from fqdnproxy import proxy as proxy_mod
 from fqdnproxy.dns import server as server_mod
 from fqdnproxy.dns import upstream as upstream_mod
-from fqdnproxy.observe.audit import AuditRecord
 from fqdnproxy.observe.metrics import Metrics
+from tests.support.audit_schema import RecordingAudit
 from tests.support.dns_client import read_tcp_message, tcp_query, udp_exchange, udp_query
 from tests.support.fake_upstream import Behaviour, FakeUpstream, closed_udp_port
-
-
-class RecordingAudit:
-    """Keeps audit records in memory so tests can read what the proxy logged."""
-
-    def __init__(self) -> None:
-        self.records: list[AuditRecord] = []
-
-    def emit(self, record: AuditRecord) -> None:
-        self.records.append(record)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from fqdnproxy.lab import knot
 from fqdnproxy.observe.metrics import Metrics
 from fqdnproxy.policy.decider import PolicyDecider
 from fqdnproxy.policy.reload import PolicyStore
-from tests.integration.test_forwarding import RecordingAudit
+from tests.support.audit_schema import RecordingAudit
 from tests.support.dns_client import udp_query
 from tests.support.fake_upstream import FakeUpstream
 
