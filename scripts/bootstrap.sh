@@ -27,12 +27,13 @@ RELEASE=$(uname -r)
 #   dnsmasq-base                comparison benchmarks only (binary, no service)
 #   rsync                       to overlay the header trees
 #   kmod                        bcc calls modprobe when it looks for kheaders
+#   dnstap-ldns                 a real dnstap reader, for the dnstap sink's tests
 PACKAGES=(
     python3-bpfcc bpfcc-tools linux-headers-amd64
     iproute2 nftables python3-nftables
     knot knot-dnsutils dnsutils dnsperf
     python3-venv python3-dev
-    dnsmasq-base rsync kmod
+    dnsmasq-base rsync kmod dnstap-ldns
 )
 
 say() { printf 'bootstrap: %s\n' "$*"; }
