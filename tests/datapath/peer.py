@@ -122,5 +122,16 @@ if __name__ == "__main__":
         serve([int(p) for p in args])
     elif mode == "probe":
         print(json.dumps([probe(spec) for spec in args]), flush=True)
+    elif mode == "loop":  # loop SECONDS SPEC...: probe until SECONDS pass, JSON {spec: [bools]}
+        import time
+
+        TIMEOUT = 0.3
+        deadline = time.monotonic() + float(args[0])
+        results = {spec: [] for spec in args[1:]}
+        print("started", flush=True)
+        while time.monotonic() < deadline:
+            for spec in args[1:]:
+                results[spec].append(probe(spec))
+        print(json.dumps(results), flush=True)
     elif mode == "session":
         session(*args)

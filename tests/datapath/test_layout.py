@@ -1,0 +1,52 @@
+"""Root tests: the Python codecs agree with the C structs; a pinned layout mismatch is refused."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import pytest
+
+from fqdnproxy.datapath import bpfsys, egress, maps, pinned, toolchain
+
+pytestmark = pytest.mark.root
+
+
+def test_codecs_match_the_c_structs(pin_dir: Path, bpffs: Path) -> None:
+    # load() passes maps.layout_cflags(): the C's _Static_asserts check every size and offset.
+    with egress.EgressDatapath.load(pin_dir, egress.Options(), bpffs=bpffs) as dp:
+        for name, (key_size, value_size) in maps.MAP_SIZES.items():
+            table = dp._bpf[name.encode()]
+            assert ctypes.sizeof(table.Key) == key_size, name
+            if name != "counters":
+                assert ctypes.sizeof(table.Leaf) == value_size, name
+        assert dp.maps.layout_version() == maps.LAYOUT_VERSION
+
+
+def test_a_drifted_codec_fails_the_compile(pin_dir: Path, bpffs: Path) -> None:
+    egress.ensure_bpffs(pin_dir, bpffs)
+    flags = egress.Options().cflags(pin_dir) + [
+        "-DFQDN_EXPECT_LAYOUT=FQDN_EXPECT_SIZE(ct_key, 48)"]
+    with pytest.raises(toolchain.ToolchainError):
+        toolchain.compile_program(egress.SOURCE.read_text(), flags)
+
+
+def test_pinned_layout_mismatch_is_a_clear_error(pin_dir: Path, bpffs: Path) -> None:
+    egress.EgressDatapath.load(pin_dir, egress.Options(), bpffs=bpffs).close()
+    fd = bpfsys.obj_get(pin_dir / "meta")
+    bpfsys.update(fd, ctypes.c_uint32(0), maps.MetaValue(layout_version=99))
+    with pytest.raises(pinned.LayoutMismatch, match=r"fqdnproxy map migrate.*rm -r"):
+        egress.EgressDatapath.load(pin_dir, egress.Options(), bpffs=bpffs)
+    with pytest.raises(pinned.LayoutMismatch, match="stored layout version is 99"):
+        pinned.PinnedMaps.open(pin_dir)
+
+
+def test_ensure_bpffs_mounts_when_missing(tmp_path: Path) -> None:
+    mountpoint = tmp_path / "bpf"
+    egress.ensure_bpffs(mountpoint / "fqdnproxy", mountpoint)
+    try:
+        assert bpfsys.is_bpffs(mountpoint / "fqdnproxy")
+    finally:
+        bpfsys.umount(mountpoint)
+    with pytest.raises(egress.DatapathError):
+        egress.ensure_bpffs(tmp_path / "elsewhere", mountpoint)
