@@ -86,7 +86,7 @@ def main() -> int:
                                        args.outstanding, "knot directly"))
             with AgentProcess(["--dns-listen", "127.0.0.1:0", "--upstream-servers",
                                f"127.0.0.1:{port}", "--audit-path", str(workdir / "audit.jsonl"),
-                               "--metrics-listen", ""]) as agent:
+                               "--metrics-listen", "", "--state-admin-socket", ""]) as agent:
                 proxy_port = agent.address("udp", "127.0.0.1")[1]
                 results.append(run_dnsperf(proxy_port, queries, args.seconds, args.clients,
                                            args.outstanding, "fqdnproxy -> knot"))

@@ -5,19 +5,25 @@ The path of one query through what is wired here (DESIGN.md, "The path of one qu
     pod ──query──► DnsServer (dns/server.py: UDP/TCP listeners)
                       │ data, Client
                       ▼
-                   Proxy.handle (proxy.py) ── read ─ admit ─ decide ─ forward ─ learn ─ release
-                      │                                          │
-                      │                               UpstreamClient (dns/upstream.py)
-                      │                                          │
-                      ▼                                          ▼
-                   AuditLog, Metrics (observe/)            upstream DNS server
+                   Proxy.handle (proxy.py): read ─ admit ─ decide ─ forward ─ learn ─ release
+                                                     │         │         │
+                             PolicyDecider (policy/) ┘         │         └ AllowLearner (fqdn/)
+                             source IP -> endpoint -> rule     │           cache -> allow map
+                                                               ▼           (datapath/, kernel)
+                                              UpstreamClient (dns/upstream.py) -> DNS server
+                   every exchange -> audit sinks (JSON lines, dnstap) and metrics (observe/)
 
-Policies (decide), the allow-map writer (learn) and transparent redirection slot into the
-Proxy's Decider, Learner and Router; until their issues land, the agent runs in explicit mode
-with every query allowed.
+Beside the query path, background tasks on the same loop: policy reload (file reads in a
+thread, then re-evaluation of what is cached), garbage collection of expired entries in bounded
+steps, the periodic cache snapshot, and the admin API on a unix socket.
+
+Without ``policy.directory`` the agent forwards every query and learns nothing (explicit mode in
+front of a resolver). With it, queries are decided per endpoint and answers teach the cache;
+with ``datapath.enabled`` too, what they teach goes into the kernel's allow map before release.
 
 Signals: SIGTERM or SIGINT stop cleanly (a second SIGINT forces exit); SIGHUP reopens the audit
-file for logrotate.
+file for logrotate. A stop leaves the pinned maps and the attached program in place: enforcement
+and learned entries outlive the agent, and the next agent takes them over.
 """
 
 from __future__ import annotations
@@ -26,19 +32,35 @@ import asyncio
 import logging
 import os
 import signal
+import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from fqdnproxy import config as config_mod
+from fqdnproxy import exchange
 from fqdnproxy import proxy as proxy_mod
+from fqdnproxy.admin import commands as admin_commands
+from fqdnproxy.admin.server import AdminServer
 from fqdnproxy.config import AgentConfig
+from fqdnproxy.datapath.allowmap import AllowMapWriter, NullAllowMap, kernel_now_ns
 from fqdnproxy.dns import server as server_mod
 from fqdnproxy.dns import upstream as upstream_mod
+from fqdnproxy.dns import wire
 from fqdnproxy.errors import FqdnproxyError
+from fqdnproxy.fqdn import snapshot
+from fqdnproxy.fqdn.cache import RESTORED, CacheLimits, FqdnCache
+from fqdnproxy.fqdn.learner import AllowLearner, LearnSettings
 from fqdnproxy.observe import audit as audit_mod
 from fqdnproxy.observe import dnstap as dnstap_mod
 from fqdnproxy.observe.metrics import Metrics
+from fqdnproxy.policy.decider import PolicyDecider
+from fqdnproxy.policy.reload import PolicyStore
 
 log = logging.getLogger("fqdnproxy")
+
+SNAPSHOT_CHUNK = 5_000  # entries copied per event-loop step while snapshotting
 
 
 class StartupError(FqdnproxyError):
@@ -56,14 +78,58 @@ class Agent:
     upstream: upstream_mod.UpstreamClient | None = None
     audit: audit_mod.JsonLinesAuditLog | audit_mod.NullAuditSink | None = None
     dnstap: list[dnstap_mod.DnstapSink] = field(default_factory=list)
+    store: PolicyStore | None = None
+    cache: FqdnCache | None = None
+    learner: AllowLearner | None = None
+    datapath: Any = None  # datapath.egress.EgressDatapath when enabled
+    admin: AdminServer | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _interrupts: int = 0
+
+    # --- start ----------------------------------------------------------------------------------
 
     async def startup(self) -> None:
         """Build and start every component, in dependency order.
 
         Raises:
-            StartupError: a listener could not bind, the audit file could not be opened, ...
+            StartupError: a listener could not bind, a policy file is invalid, ...
         """
+        cfg = self.config
+        sink = self._open_audit()
+        decider: exchange.Decider = exchange.AllowAll()
+        learner: exchange.Learner = exchange.NoLearning()
+        if cfg.policy.directory:
+            self.store = self._load_policies()
+            self.datapath = self._open_datapath() if cfg.datapath.enabled else None
+            self.learner = self._build_learner()
+            self._restore()
+            decider = PolicyDecider(lambda: self._store().current)
+            learner = self.learner
+        self.upstream = upstream_mod.UpstreamClient(_upstream_settings(cfg), self.metrics)
+        await self.upstream.start()
+        servers = [config_mod.parse_address(text) for text in cfg.upstream.servers]
+        handler = proxy_mod.Proxy(
+            self.upstream, proxy_mod.RoundRobinUpstreams(servers), sink, self.metrics,
+            proxy_mod.ProxySettings(max_in_flight=cfg.dns.max_in_flight,
+                                    deny_rcode=_deny_rcode(cfg)),
+            decider=decider, learner=learner)
+        listen = [config_mod.parse_address(text, allow_port_zero=True) for text in cfg.dns.listen]
+        self.server = server_mod.DnsServer(listen, handler.handle, self.metrics,
+                                           _listener_limits(cfg), tcp=cfg.dns.tcp)
+        try:
+            await self.server.start()
+        except OSError as error:
+            await self.shutdown()
+            raise StartupError(f"dns.listen: cannot bind: {error}") from None
+        if cfg.metrics.listen:
+            self._start_metrics_endpoint(cfg.metrics.listen)
+        await self._start_admin()
+        self._start_background_tasks()
+        for protocol, ip, port in self.server.bound:
+            log.info("listening on %s %s", protocol, _format(ip, port))
+        log.info("forwarding to %s", ", ".join(cfg.upstream.servers))
+
+    def _open_audit(self) -> audit_mod.AuditSink:
         cfg = self.config
         try:
             self.audit = (audit_mod.JsonLinesAuditLog(cfg.audit.path, cfg.audit.queue_size,
@@ -78,26 +144,59 @@ class Agent:
             self.audit.close()
             raise StartupError(
                 f"audit.dnstap_file {cfg.audit.dnstap_file!r}: {error.strerror}") from None
-        sink = audit_mod.TeeAuditSink(self.audit, *self.dnstap) if self.dnstap else self.audit
-        self.upstream = upstream_mod.UpstreamClient(_upstream_settings(cfg), self.metrics)
-        await self.upstream.start()
-        servers = [config_mod.parse_address(text) for text in cfg.upstream.servers]
-        handler = proxy_mod.Proxy(
-            self.upstream, proxy_mod.RoundRobinUpstreams(servers), sink, self.metrics,
-            proxy_mod.ProxySettings(max_in_flight=cfg.dns.max_in_flight))
-        listen = [config_mod.parse_address(text, allow_port_zero=True) for text in cfg.dns.listen]
-        self.server = server_mod.DnsServer(listen, handler.handle, self.metrics,
-                                           _listener_limits(cfg), tcp=cfg.dns.tcp)
+        return audit_mod.TeeAuditSink(self.audit, *self.dnstap) if self.dnstap else self.audit
+
+    def _load_policies(self) -> PolicyStore:
+        cfg = self.config.policy
+        store = PolicyStore(cfg.directory, cfg.endpoints)
         try:
-            await self.server.start()
-        except OSError as error:
-            await self.shutdown()
-            raise StartupError(f"dns.listen: cannot bind: {error}") from None
-        if cfg.metrics.listen:
-            self._start_metrics_endpoint(cfg.metrics.listen)
-        for protocol, ip, port in self.server.bound:
-            log.info("listening on %s %s", protocol, _format(ip, port))
-        log.info("forwarding to %s", ", ".join(cfg.upstream.servers))
+            current = store.load()
+        except FqdnproxyError as error:
+            raise StartupError(f"policies rejected:\n{error}") from None
+        for warning in current.warnings:
+            log.warning("policy: %s", warning)
+        self.metrics.child(self.metrics.policy_reloads, "loaded").inc()
+        log.info("policies: %d loaded, %d endpoints", len(current.policy_set.policies),
+                 len(list(current.registry.workloads())))
+        return store
+
+    def _open_datapath(self) -> Any:
+        from fqdnproxy.datapath import egress
+
+        try:
+            return egress.EgressDatapath.load(Path(self.config.datapath.pin_dir))
+        except FqdnproxyError as error:
+            raise StartupError(f"datapath: {error}") from None
+
+    def _build_learner(self) -> AllowLearner:
+        cfg = self.config.cache
+        self.cache = FqdnCache(CacheLimits(cfg.max_ips_per_name, cfg.max_names_per_endpoint,
+                                           cfg.max_entries))
+        self.metrics.watch_cache(self.cache)
+        writer: AllowMapWriter = self.datapath if self.datapath is not None else NullAllowMap()
+        return AllowLearner(self.cache, _TimedWriter(writer, self.metrics), self._policy_for,
+                            LearnSettings(min_ttl=cfg.min_ttl))
+
+    def _restore(self) -> None:
+        """Snapshot first (names), then whatever the pinned map holds beyond it (restored)."""
+        assert self.cache is not None and self.learner is not None
+        now = kernel_now_ns()
+        loaded = snapshot.load(Path(self.config.state.directory), now, snapshot.boot_id())
+        restored = self.cache.restore(loaded.entries)
+        log.info("cache: %d entries restored from the snapshot (%s; %d had expired)",
+                 restored, loaded.note or "ok", loaded.expired)
+        if self.datapath is not None:
+            extra = 0
+            for entry in self.datapath.dump():
+                ip = str(entry.network.network_address)
+                if (entry.key.exact and entry.expiry_ns > now
+                        and not self.cache.holders(entry.endpoint_id, ip)):
+                    self.cache.learn(entry.endpoint_id, RESTORED, [(ip, entry.expiry_ns)])
+                    self.learner.keep_restored(entry)
+                    extra += 1
+            log.info("cache: %d map entries without a name kept as %r until they expire",
+                     extra, RESTORED)
+        self.learner.reevaluate()
 
     def _start_metrics_endpoint(self, listen: str) -> None:
         from prometheus_client import start_http_server
@@ -109,16 +208,123 @@ class Agent:
             raise StartupError(f"metrics.listen: cannot bind {listen}: {error}") from None
         log.info("metrics on http://%s/metrics", _format(ip, port))
 
+    async def _start_admin(self) -> None:
+        path = self.config.state.admin_socket
+        if not path:
+            return
+        self.admin = AdminServer(Path(path), {"cache.list": self._cache_list})
+        try:
+            await self.admin.start()
+        except OSError as error:
+            await self.shutdown()
+            raise StartupError(f"state.admin_socket {path!r}: {error}") from None
+        log.info("admin socket %s", path)
+
+    def _start_background_tasks(self) -> None:
+        if self.store is not None:
+            self._spawn(self._reload_forever())
+        if self.learner is not None:
+            self._spawn(self._collect_garbage_forever())
+            self._spawn(self._snapshot_forever())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self.tasks.append(asyncio.get_running_loop().create_task(coro))
+
+    # --- background ------------------------------------------------------------------------------
+
+    async def _reload_forever(self) -> None:
+        interval = self.config.policy.reload_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.reload()
+            except Exception:  # a failed reload must never stop the next one
+                log.exception("policy reload failed")
+
+    async def reload(self) -> str:
+        """Check the policy files and inventory; apply a valid change. The result's status."""
+        result = await asyncio.to_thread(self._store().check_for_changes)
+        if result.status == "unchanged":
+            return result.status
+        self.metrics.child(self.metrics.policy_reloads, result.status).inc()
+        if result.status == "rejected":
+            for error in result.errors:
+                log.error("policy change rejected, previous version keeps serving: %s", error)
+            return result.status
+        for warning in result.warnings:
+            log.warning("policy: %s", warning)
+        if self.learner is not None:
+            changed = self.learner.reevaluate()
+            log.info("policies reloaded (version %d); %d cached entries re-evaluated",
+                     result.current.version, changed)
+        return result.status
+
+    async def _collect_garbage_forever(self) -> None:
+        assert self.learner is not None
+        cfg = self.config.cache
+        while True:
+            await asyncio.sleep(cfg.gc_interval)
+            while True:
+                started = time.perf_counter()
+                removed = self.learner.collect_garbage(kernel_now_ns(), cfg.gc_batch)
+                self.metrics.gc_step.observe(time.perf_counter() - started)
+                self.metrics.gc_deleted.inc(removed)
+                if removed < cfg.gc_batch:
+                    break
+                await asyncio.sleep(0)  # let queries through between steps
+
+    async def _snapshot_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.state.snapshot_interval)
+            await self.write_snapshot()
+
+    async def write_snapshot(self) -> bool:
+        """Copy the cache in bounded steps, then encode and write it off the loop."""
+        assert self.cache is not None
+        entries: list[tuple[int, str, str, int]] = []
+        for chunk in self.cache.snapshot_chunks(SNAPSHOT_CHUNK):
+            entries.extend(chunk)
+            await asyncio.sleep(0)
+        try:
+            document = await asyncio.to_thread(
+                snapshot.encode, entries, kernel_now_ns(), time.time(), snapshot.boot_id())
+            await asyncio.to_thread(snapshot.save, Path(self.config.state.directory), document)
+        except snapshot.SnapshotError as error:
+            self.metrics.child(self.metrics.snapshots, "error").inc()
+            log.error("snapshot: %s (DNS keeps working; the pinned map keeps enforcing)", error)
+            return False
+        self.metrics.child(self.metrics.snapshots, "ok").inc()
+        return True
+
+    # --- admin -----------------------------------------------------------------------------------
+
+    def _cache_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        if self.cache is None:
+            return []
+        registry = self._store().current.registry
+        return admin_commands.cache_list(self.cache, registry.by_id, kernel_now_ns(), args)
+
+    # --- stop ------------------------------------------------------------------------------------
+
     async def shutdown(self) -> None:
-        """Stop listening, settle what is in flight, flush the audit log."""
+        """Stop listening, settle what is in flight, snapshot, flush the audit log."""
         if self.server is not None:
             await self.server.stop()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.cache is not None:
+            await self.write_snapshot()
         if self.upstream is not None:
             await self.upstream.close()
+        if self.admin is not None:
+            await self.admin.stop()
         if self.audit is not None:
             self.audit.close()
         for sink in self.dnstap:
             sink.close()
+        if self.datapath is not None:
+            self.datapath.close()  # pins and attached filters stay: enforcement goes on
         log.info("stopped")
 
     def capture_signals(self) -> None:
@@ -146,6 +352,39 @@ class Agent:
             await self.stopping.wait()
         finally:
             await self.shutdown()
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _store(self) -> PolicyStore:
+        assert self.store is not None
+        return self.store
+
+    def _policy_for(self, endpoint_id: int) -> object | None:
+        current = self._store().current
+        endpoint = current.registry.by_id(endpoint_id)
+        return current.engine.for_endpoint(endpoint) if endpoint is not None else None
+
+
+class _TimedWriter:
+    """An ``AllowMapWriter`` that times each write (``fqdnproxy_allow_map_update_seconds``)."""
+
+    def __init__(self, writer: AllowMapWriter, metrics: Metrics) -> None:
+        self._writer = writer
+        self._observe: Callable[[float], None] = metrics.allow_map_update.observe
+
+    def upsert_allows(self, entries: Any) -> None:
+        started = time.perf_counter()
+        try:
+            self._writer.upsert_allows(entries)
+        finally:
+            self._observe(time.perf_counter() - started)
+
+    def delete_allows(self, keys: Any) -> int:
+        return self._writer.delete_allows(keys)
+
+
+def _deny_rcode(cfg: AgentConfig) -> wire.Rcode:
+    return wire.Rcode.NXDOMAIN if cfg.policy.deny_response == "nxdomain" else wire.Rcode.REFUSED
 
 
 def _upstream_settings(cfg: AgentConfig) -> upstream_mod.UpstreamSettings:

@@ -107,6 +107,62 @@ class MetricsConfig:
     listen: str = _opt("127.0.0.1:9153", "address of /metrics, '' to disable, IP:PORT")
 
 
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Which policies and endpoints the agent enforces."""
+
+    directory: str = _opt(
+        "", "CiliumNetworkPolicy files: a directory (every *.yaml in it) or one file; '' runs "
+        "without policies: every query is forwarded and nothing is learned")
+    endpoints: str = _opt("", "the endpoint inventory (YAML); required with policy.directory")
+    reload_interval: float = _opt(
+        2.0, "check the policy files and inventory for changes this often", "s")
+    deny_response: Literal["refused", "nxdomain"] = _opt(
+        "refused", "the answer to a denied query: refused, or nxdomain (musl stops its search "
+        "list on REFUSED)")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """What answers teach: the per-endpoint FQDN cache and its garbage collection."""
+
+    min_ttl: int = _opt(
+        60, "floor on a learned IP's lifetime, so even a TTL-0 answer lets the connection "
+        "that follows it (and clients that cache for a while) through", "s")
+    max_ips_per_name: int = _opt(
+        1_000, "IPs kept per endpoint and name; past it the soonest to expire goes", "IPs")
+    max_names_per_endpoint: int = _opt(
+        10_000, "names kept per endpoint; past it the least recently looked up goes", "names")
+    max_entries: int = _opt(
+        1_000_000, "(endpoint, name, IP) entries in all; past it the soonest to expire goes",
+        "entries")
+    gc_interval: float = _opt(1.0, "remove expired entries this often", "s")
+    gc_batch: int = _opt(
+        2_000, "expired entries removed per step; the loop serves queries between steps",
+        "entries")
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """What the agent keeps across restarts, and where it can be asked about it."""
+
+    directory: str = _opt("/var/lib/fqdnproxy", "the cache snapshot's directory")
+    snapshot_interval: float = _opt(
+        30.0, "write the cache snapshot this often (and at a clean stop)", "s")
+    admin_socket: str = _opt(
+        "/run/fqdnproxy/admin.sock", "the admin API's unix socket ('' for none)")
+
+
+@dataclass(frozen=True)
+class DatapathConfig:
+    """The eBPF egress program and its maps."""
+
+    enabled: bool = _opt(
+        False, "load the tc program, attach it to the inventory's interfaces and write "
+        "learned IPs to its allow map (needs root and BPF)")
+    pin_dir: str = _opt("/sys/fs/bpf/fqdnproxy", "where the maps are pinned (on bpffs)")
+
+
 LogLevel = Literal["debug", "info", "warning", "error"]
 LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
 
@@ -119,6 +175,10 @@ class AgentConfig:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    datapath: DatapathConfig = field(default_factory=DatapathConfig)
     log_level: LogLevel = field(
         default="info", metadata={"help": "log level of the agent's own log (stderr)", "unit": ""}
     )
@@ -129,6 +189,10 @@ SECTIONS: dict[str, type] = {
     "upstream": UpstreamConfig,
     "audit": AuditConfig,
     "metrics": MetricsConfig,
+    "policy": PolicyConfig,
+    "cache": CacheConfig,
+    "state": StateConfig,
+    "datapath": DatapathConfig,
 }
 
 
@@ -237,6 +301,11 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return tuple(_coerce(item, str, f"{where}[{index}]") for index, item in enumerate(value))
+    if get_origin(kind) is Literal:
+        choices = get_args(kind)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r}; one of {', '.join(choices)}")
+        return value
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -309,10 +378,25 @@ def _validate(config: AgentConfig, origin: str) -> None:
         ("upstream.socket_max_age", config.upstream.socket_max_age),
         ("upstream.max_servers", config.upstream.max_servers),
         ("audit.queue_size", config.audit.queue_size),
+        ("policy.reload_interval", config.policy.reload_interval),
+        ("cache.max_ips_per_name", config.cache.max_ips_per_name),
+        ("cache.max_names_per_endpoint", config.cache.max_names_per_endpoint),
+        ("cache.max_entries", config.cache.max_entries),
+        ("cache.gc_interval", config.cache.gc_interval),
+        ("cache.gc_batch", config.cache.gc_batch),
+        ("state.snapshot_interval", config.state.snapshot_interval),
     ]
     for where, value in positive:
         if value <= 0:
             raise ConfigError(f"{origin}: {where}: must be greater than 0, got {value}")
+    if config.cache.min_ttl < 0:
+        raise ConfigError(f"{origin}: cache.min_ttl: must be 0 or more, got {config.cache.min_ttl}")
+    if bool(config.policy.directory) != bool(config.policy.endpoints):
+        raise ConfigError(f"{origin}: policy.directory and policy.endpoints go together: "
+                          "policies select endpoints from the inventory")
+    if config.datapath.enabled and not config.policy.directory:
+        raise ConfigError(f"{origin}: datapath.enabled needs policy.directory and "
+                          "policy.endpoints: the datapath enforces the policies' endpoints")
 
 
 # --- flags ------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from fqdnproxy.datapath.allowmap import (
 from fqdnproxy.dns import wire
 from fqdnproxy.errors import FqdnproxyError
 from fqdnproxy.exchange import AllowedIp, Exchange, LearnError
-from fqdnproxy.fqdn.cache import FqdnCache
+from fqdnproxy.fqdn.cache import RESTORED, FqdnCache
 from fqdnproxy.policy import model
 
 NS = 1_000_000_000
@@ -44,15 +44,21 @@ class LearnSettings:
 
 
 def port_ranges(ports: model.PortSet) -> tuple[PortRange, ...]:
-    """Policy ports as datapath port ranges: merged per protocol, at most ``MAX_PORT_RANGES``.
+    """Policy ports as datapath port ranges, merged (see ``merge_ranges``)."""
+    return merge_ranges(tuple(
+        PortRange(number, r.first, r.last)
+        for r in ports.ranges for number in _PROTOCOL_NUMBERS.get(r.protocol.upper(), (0,))))
+
+
+def merge_ranges(ranges: tuple[PortRange, ...]) -> tuple[PortRange, ...]:
+    """Overlapping or adjacent ranges of one protocol merged; at most ``MAX_PORT_RANGES``.
 
     Raises:
         LearnError: more disjoint ranges than an entry holds (never widened silently).
     """
     by_protocol: dict[int, list[tuple[int, int]]] = {}
-    for r in ports.ranges:
-        for number in _PROTOCOL_NUMBERS.get(r.protocol.upper(), (0,)):
-            by_protocol.setdefault(number, []).append((r.first, r.last))
+    for r in ranges:
+        by_protocol.setdefault(r.protocol, []).append((r.first, r.last))
     merged: list[PortRange] = []
     for number, spans in sorted(by_protocol.items()):
         spans.sort()
@@ -87,6 +93,9 @@ class AllowLearner:
         self.settings = settings
         # endpoint id -> its current EndpointPolicy, or None once the endpoint is gone
         self._policy_for = policy_for
+        # Map entries found at start without a name (cache.RESTORED): their ports, kept as they
+        # were until they expire, since no name says what they should be now.
+        self._restored: dict[tuple[int, str], tuple[PortRange, ...]] = {}
         self._clock = clock
         self._wall = wall
 
@@ -140,25 +149,36 @@ class AllowLearner:
             raise LearnError(f"allow map refused the entries: {error}") from error
         return upserts
 
+    def keep_restored(self, entry: AllowEntry) -> None:
+        """Remember the ports of a map entry restored at start without a name."""
+        self._restored[(entry.endpoint_id, str(entry.network.network_address))] = entry.ports
+
     def _entry(self, policy: object, endpoint_id: int, ip: str) -> AllowEntry | None:
         select = policy.select  # type: ignore[attr-defined]
         ports: model.PortSet | None = None
+        kept: tuple[PortRange, ...] = ()
         expiry = 0
         for name, name_expiry in self.cache.holders(endpoint_id, ip).items():
+            if name == RESTORED:
+                kept = self._restored.get((endpoint_id, ip), ())
+                expiry = max(expiry, name_expiry)
+                continue
             selected = select(name)
             if selected is None:
                 continue
             ports = selected if ports is None else ports.union(selected)
             expiry = max(expiry, name_expiry)
-        if ports is None:
+        if ports is None and not kept:
+            self._restored.pop((endpoint_id, ip), None)
             return None
+        ports = ports if ports is not None else model.PortSet(())
         address = ipaddress.ip_address(ip)
         for rule in policy.allows:  # type: ignore[attr-defined]
             if rule.covers(address):
                 ports = ports.union(rule.ports)
         try:
-            return AllowEntry(endpoint_id, ipaddress.ip_network(address), expiry,
-                              port_ranges(ports))
+            ranges = merge_ranges(port_ranges(ports) + kept)
+            return AllowEntry(endpoint_id, ipaddress.ip_network(address), expiry, ranges)
         except AllowEntryError as error:
             raise LearnError(str(error)) from error
 

@@ -107,7 +107,7 @@ def run_demo(workdir: Path) -> bool:
     with knot.KnotServer(listen=[("127.0.0.1", port)], workers=1):
         agent = AgentProcess(["--dns-listen", "127.0.0.1:0", "--upstream-servers",
                               f"127.0.0.1:{port}", "--audit-path", str(audit),
-                              "--metrics-listen", ""])
+                              "--metrics-listen", "", "--state-admin-socket", ""])
         with agent:
             address = agent.address("udp", "127.0.0.1")
             print(f"fqdnproxy (explicit mode) listening on {address[0]}:{address[1]}, "

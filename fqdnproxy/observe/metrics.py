@@ -101,6 +101,26 @@ class Metrics:
             "fqdnproxy_dnstap_frames_dropped", "dnstap frames dropped, by output and reason "
             "(queue_full; disconnected: no socket reader; write_error)", ["output", "reason"],
             registry=r)
+        self.policy_reloads = Counter(
+            "fqdnproxy_policy_reloads", "Policy and inventory loads by result (loaded: at "
+            "start; reloaded; rejected: invalid, the previous version kept serving)",
+            ["result"], registry=r)
+        self.allow_map_update = Histogram(
+            "fqdnproxy_allow_map_update_seconds", "Time to write an answer's entries to the "
+            "allow map, before the answer is released", buckets=LATENCY_BUCKETS, registry=r)
+        self.gc_deleted = Counter(
+            "fqdnproxy_gc_deleted_entries", "Expired cache entries removed by garbage "
+            "collection (their map entries rewritten or deleted)", registry=r)
+        self.gc_step = Histogram(
+            "fqdnproxy_gc_step_seconds", "Event-loop time of one garbage-collection step",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.snapshots = Counter(
+            "fqdnproxy_cache_snapshots", "Cache snapshots written, by result (ok, error)",
+            ["result"], registry=r)
+
+    def watch_cache(self, cache: Any) -> None:
+        """Export the FQDN cache's sizes and evictions, read at scrape time (no hot-path cost)."""
+        self.registry.register(_CacheCollector(cache))
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached."""
@@ -109,3 +129,30 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+
+class _CacheCollector:
+    """``fqdnproxy_cache_*``: read from an ``fqdn.cache.FqdnCache`` when Prometheus scrapes."""
+
+    def __init__(self, cache: Any) -> None:
+        self._cache = cache
+
+    def describe(self) -> list[Any]:
+        return []  # no registration-time collection
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        cache = self._cache
+        yield GaugeMetricFamily("fqdnproxy_cache_entries",
+                                "Learned (endpoint, name, IP) entries in the FQDN cache",
+                                value=len(cache))
+        yield GaugeMetricFamily("fqdnproxy_cache_names",
+                                "Learned (endpoint, name) pairs in the FQDN cache",
+                                value=cache.name_count())
+        evictions = CounterMetricFamily(
+            "fqdnproxy_cache_evictions", "Cache entries evicted by a cap, by cap "
+            "(ips_per_name, names_per_endpoint, entries)", labels=["cap"])
+        for cap, count in cache.evictions.items():
+            evictions.add_metric([cap], count)
+        yield evictions

@@ -87,3 +87,25 @@ async def test_cli_cache_list_table_and_json(server: AdminServer,
 def test_cli_without_an_agent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["cache", "list", "--socket", str(tmp_path / "none.sock")]) == 1
     assert "is `fqdnproxy run` running?" in capsys.readouterr().err
+
+
+async def test_a_live_socket_is_not_taken_over(server: AdminServer) -> None:
+    second = AdminServer(server.path, {})
+    with pytest.raises(OSError, match="another agent is running"):
+        await second.start()
+    assert await asyncio.to_thread(client.call, server.path, "cache.list")
+
+
+async def test_a_stale_socket_is_replaced(tmp_path: Path) -> None:
+    import socket as socket_mod
+
+    path = tmp_path / "admin.sock"
+    stale = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens: what a killed agent leaves
+    server = AdminServer(path, {"ping": lambda args: "pong"})
+    await server.start()
+    try:
+        assert await asyncio.to_thread(client.call, path, "ping") == "pong"
+    finally:
+        await server.stop()

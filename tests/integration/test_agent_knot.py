@@ -35,6 +35,8 @@ def agent(knot_server: knot.KnotServer, tmp_path: Path) -> Iterator[AgentProcess
         "--upstream-servers", f"127.0.0.1:{port}",
         "--audit-path", str(tmp_path / "audit.jsonl"),
         "--metrics-listen", f"127.0.0.1:{metrics_port}",
+        "--state-directory", str(tmp_path / "state"),
+        "--state-admin-socket", str(tmp_path / "admin.sock"),
     ])
     process.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"  # type: ignore[attr-defined]
     with process:
@@ -88,7 +90,8 @@ def test_audit_records_and_metrics_after_a_clean_stop(agent: AgentProcess, tmp_p
 
 def test_port_in_use_is_a_startup_failure(agent: AgentProcess) -> None:
     ip, port = agent.address("udp", "127.0.0.1")
-    second = AgentProcess(["--dns-listen", f"127.0.0.1:{port}", "--metrics-listen", ""],
+    second = AgentProcess(["--dns-listen", f"127.0.0.1:{port}", "--metrics-listen", "",
+                           "--state-admin-socket", ""],
                           start_timeout=10)
     with pytest.raises(Exception) as raised:
         second.start()

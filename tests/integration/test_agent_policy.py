@@ -1,0 +1,175 @@
+"""``fqdnproxy run`` with policies, as a process in front of knot: decisions, the cache over the
+admin socket, reload (valid and invalid), and the snapshot across a restart and a ``kill -9``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dnslib
+import pytest
+
+from fqdnproxy import cli
+from fqdnproxy.fqdn import snapshot
+from fqdnproxy.lab import knot
+from fqdnproxy.lab.agent_process import AgentProcess
+from tests.conftest import require
+from tests.integration.test_knot import _knotd_present
+from tests.support.audit_schema import validate
+
+WEB, STRANGER = "127.0.0.2", "127.0.0.9"
+
+POLICY = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: web, namespace: demo}}
+spec:
+  endpointSelector:
+    matchLabels: {{app: web}}
+  egress:
+    - toEndpoints:
+        - matchLabels:
+            "k8s:io.kubernetes.pod.namespace": kube-system
+            "k8s:k8s-app": kube-dns
+      toPorts:
+        - ports: [{{port: "{port}", protocol: ANY}}]
+          rules:
+            dns:
+              - matchName: api.demo.test
+              - matchName: www.demo.test
+    - toFQDNs:
+        - matchName: api.demo.test
+        - matchName: www.demo.test
+      toPorts:
+        - ports: [{{port: "443", protocol: TCP}}]
+"""
+
+INVENTORY = """\
+endpoints:
+  - {namespace: demo, name: web, id: 1, labels: {app: web}, ips: ["127.0.0.2"]}
+  - {namespace: kube-system, name: kube-dns, kind: service, labels: {k8s-app: kube-dns},
+     ips: ["127.0.0.1"]}
+"""
+
+
+@dataclass
+class Setup:
+    port: int
+    upstream: int
+    policies: Path
+    state: Path
+    socket: Path
+    audit: Path
+
+    def agent(self) -> AgentProcess:
+        return AgentProcess([
+            "--dns-listen", f"127.0.0.1:{self.port}",
+            "--upstream-servers", f"127.0.0.1:{self.upstream}",
+            "--policy-directory", str(self.policies),
+            "--policy-endpoints", str(self.policies.parent / "endpoints.yaml"),
+            "--policy-reload-interval", "0.2",
+            "--state-directory", str(self.state),
+            "--state-admin-socket", str(self.socket),
+            "--audit-path", str(self.audit),
+            "--metrics-listen", "",
+        ])
+
+    def ask(self, name: str, source: str = WEB) -> dnslib.DNSRecord:
+        query = dnslib.DNSRecord.question(name, "A")
+        sock_answer = _send(query, ("127.0.0.1", self.port), source)
+        return dnslib.DNSRecord.parse(sock_answer)
+
+    def cache(self) -> list[dict[str, object]]:
+        import io
+        from contextlib import redirect_stdout
+
+        out = io.StringIO()
+        with redirect_stdout(out):
+            assert cli.main(["cache", "list", "--socket", str(self.socket),
+                             "--output", "json"]) == 0
+        return json.loads(out.getvalue())
+
+
+def _send(query: dnslib.DNSRecord, server: tuple[str, int], source: str) -> bytes:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((source, 0))
+        sock.settimeout(3)
+        sock.sendto(query.pack(), server)
+        return sock.recvfrom(65535)[0]
+
+
+@pytest.fixture(scope="module")
+def knot_server() -> Iterator[knot.KnotServer]:
+    require(_knotd_present(), "knotd not installed (apt package knot; run `make bootstrap`)")
+    port = knot.free_port(("127.0.0.1",))
+    with knot.KnotServer(listen=[("127.0.0.1", port)], workers=1) as server:
+        yield server
+
+
+@pytest.fixture
+def setup(knot_server: knot.KnotServer, tmp_path: Path) -> Setup:
+    port = knot.free_port(("127.0.0.1",))
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "web.yaml").write_text(POLICY.format(port=port))
+    (tmp_path / "endpoints.yaml").write_text(INVENTORY)
+    return Setup(port, knot_server.listen[0][1], policies, tmp_path / "state",
+                 tmp_path / "admin.sock", tmp_path / "audit.jsonl")
+
+
+def _wait_for(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_decisions_cache_and_audit(setup: Setup) -> None:
+    with setup.agent():
+        assert [str(r.rdata) for r in setup.ask("api.demo.test").rr] == ["203.0.113.10"]
+        assert setup.ask("db.demo.test").header.rcode == 5  # REFUSED: no rule allows
+        assert setup.ask("api.demo.test", STRANGER).header.rcode == 2  # unknown source
+        rows = setup.cache()
+        assert [(r["endpoint"], r["name"], r["ips"], r["source"]) for r in rows] == [
+            ("demo/web", "api.demo.test.", ["203.0.113.10"], "lookup")]
+        assert 250 < rows[0]["ttl"] <= 300
+    records = [json.loads(line) for line in setup.audit.read_text().splitlines()]
+    for record in records:
+        validate(record)
+    assert [r["verdict"] for r in records] == ["allowed", "denied", "no-endpoint"]
+    assert records[0]["endpoint"]["name"] == "web"
+
+
+def test_reload_applies_valid_changes_and_rejects_garbage(setup: Setup) -> None:
+    policy = setup.policies / "web.yaml"
+    with setup.agent() as agent:
+        assert setup.ask("db.demo.test").header.rcode == 5
+        policy.write_text(policy.read_text().replace(
+            "              - matchName: www.demo.test\n",
+            "              - matchName: www.demo.test\n              - matchName: db.demo.test\n"))
+        assert _wait_for(lambda: setup.ask("db.demo.test").header.rcode == 0)
+        policy.write_text("spec: [not, a, policy\n")
+        assert _wait_for(lambda: any("rejected" in line for line in agent.log))
+        assert setup.ask("db.demo.test").header.rcode == 0  # the previous version serves on
+        assert setup.ask("api.demo.test").rr
+
+
+def test_snapshot_survives_a_clean_stop_and_a_kill(setup: Setup) -> None:
+    with setup.agent() as agent:
+        setup.ask("www.demo.test")
+    assert agent.stop() == 0
+    assert (setup.state / snapshot.FILE_NAME).exists()
+    with setup.agent() as agent:
+        rows = setup.cache()
+        assert [(r["name"], r["ips"]) for r in rows] == [("www.demo.test.", ["203.0.113.10"])]
+        agent.stop(signal.SIGKILL)
+    with setup.agent():
+        assert [r["name"] for r in setup.cache()] == ["www.demo.test."]  # the last snapshot
