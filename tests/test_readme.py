@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fqdnproxy import config
+from fqdnproxy.fqdn.cache import FqdnCache
 from fqdnproxy.observe.metrics import Metrics
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
@@ -17,7 +18,9 @@ def test_every_option_is_documented() -> None:
 
 
 def test_every_metric_is_documented() -> None:
-    for family in Metrics().registry.collect():
+    metrics = Metrics()
+    metrics.watch_cache(FqdnCache())
+    for family in metrics.registry.collect():
         name = family.name + ("_total" if family.type == "counter" else "")
         assert f"`{name}`" in README, name
 
