@@ -138,7 +138,7 @@ class CacheConfig:
         "entries")
     gc_interval: float = _opt(1.0, "remove expired entries this often", "s")
     gc_batch: int = _opt(
-        2_000, "expired entries removed per step; the loop serves queries between steps",
+        200, "expired entries removed per step; the loop serves queries between steps",
         "entries")
 
 

@@ -58,8 +58,10 @@ class CacheEntry:
 class _Endpoint:
     # name -> ip -> expiry; dict order is look-up order (least recent first)
     names: dict[str, dict[str, int]] = field(default_factory=dict)
-    # ip -> names holding it, to answer "what holds this IP" in O(1)
-    holders: dict[str, set[str]] = field(default_factory=dict)
+    # ip -> the name holding it, or a tuple of names when several do. Not a set per IP: a
+    # million sets are a million objects for Python's cyclic GC to walk (a 200 ms pause at 1M
+    # entries here); a str or a tuple of str is not tracked by it.
+    holders: dict[str, str | tuple[str, ...]] = field(default_factory=dict)
 
 
 class FqdnCache:
@@ -102,7 +104,7 @@ class FqdnCache:
         endpoint = self._endpoints.get(endpoint_id)
         if endpoint is None:
             return {}
-        return {name: endpoint.names[name][ip] for name in endpoint.holders.get(ip, ())}
+        return {name: endpoint.names[name][ip] for name in _names(endpoint.holders.get(ip))}
 
     def entries(self, endpoint_id: int | None = None) -> Iterator[CacheEntry]:
         """Every entry (of one endpoint, or all)."""
@@ -141,7 +143,7 @@ class FqdnCache:
             old = ips.get(ip)
             if old is None:
                 ips[ip] = expiry
-                endpoint.holders.setdefault(ip, set()).add(name)
+                _add_holder(endpoint.holders, ip, name)
                 self._entries += 1
             elif expiry > old:
                 ips[ip] = expiry
@@ -237,10 +239,11 @@ class FqdnCache:
 
     def _unlink(self, endpoint: _Endpoint, name: str, ip: str) -> None:
         del endpoint.names[name][ip]
-        names = endpoint.holders[ip]
-        names.discard(name)
-        if not names:
+        remaining = tuple(n for n in _names(endpoint.holders[ip]) if n != name)
+        if not remaining:
             del endpoint.holders[ip]
+        else:
+            endpoint.holders[ip] = remaining[0] if len(remaining) == 1 else remaining
         self._entries -= 1
 
     def _maybe_compact(self) -> None:
@@ -276,3 +279,20 @@ class FqdnCache:
             self.learn(entry.endpoint_id, entry.name, [(entry.ip, entry.expiry_ns)])
             added += self._entries - before
         return added
+
+
+def _names(held: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    if held is None:
+        return ()
+    return (held,) if isinstance(held, str) else held
+
+
+def _add_holder(holders: dict[str, str | tuple[str, ...]], ip: str, name: str) -> None:
+    held = holders.get(ip)
+    if held is None:
+        holders[ip] = name
+    elif isinstance(held, str):
+        if held != name:
+            holders[ip] = (held, name)
+    elif name not in held:
+        holders[ip] = (*held, name)
