@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_run_command(commands)
     _add_policy_commands(commands)
+    _add_map_commands(commands)
     _add_cache_commands(commands)
     return parser
 
@@ -145,6 +146,25 @@ def _cache_list(args: argparse.Namespace) -> int:
             ("ENDPOINT", "NAME", "TTL", "EXPIRES", "SOURCE", "IPS"),
             [(r["endpoint"], r["name"], f"{r['ttl']}s", r["expires"], r["source"],
               ", ".join(r["ips"])) for r in rows]))
+    return ExitCode.OK
+
+
+def _add_map_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``fqdnproxy map dump`` (datapath issue): read the pinned maps, no program needed."""
+    maps_parser = commands.add_parser("map", help="inspect the datapath's pinned maps")
+    verbs = maps_parser.add_subparsers(title="map commands", metavar="VERB")
+    maps_parser.set_defaults(handler=lambda _args: maps_parser.print_help() or ExitCode.USAGE)
+    dump = verbs.add_parser("dump", help="print the allow entries (endpoint, prefix, ports, expiry)")
+    dump.add_argument("--pin-dir", default="/sys/fs/bpf/fqdnproxy", metavar="DIR")
+    dump.add_argument("--output", choices=("table", "json"), default="table")
+    dump.set_defaults(handler=_map_dump)
+
+
+def _map_dump(args: argparse.Namespace) -> int:
+    from fqdnproxy.datapath import allowmap, dump, pinned
+
+    with pinned.PinnedMaps.open(args.pin_dir) as maps:
+        print(dump.render(maps.dump(), allowmap.kernel_now_ns(), args.output))
     return ExitCode.OK
 
 

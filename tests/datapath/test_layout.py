@@ -50,3 +50,21 @@ def test_ensure_bpffs_mounts_when_missing(tmp_path: Path) -> None:
         bpfsys.umount(mountpoint)
     with pytest.raises(egress.DatapathError):
         egress.ensure_bpffs(tmp_path / "elsewhere", mountpoint)
+
+
+def test_map_dump_command(pin_dir: Path, bpffs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from fqdnproxy import cli
+    from fqdnproxy.datapath.allowmap import AllowEntry, PortRange, kernel_now_ns
+
+    with egress.EgressDatapath.load(pin_dir, egress.Options(), bpffs=bpffs) as dp:
+        dp.upsert_allows([AllowEntry(3, "203.0.113.5/32", kernel_now_ns() + 60 * 10**9,
+                                     (PortRange(6, 443, 443),)), AllowEntry(3, "2001:db8::/32")])
+    assert cli.main(["map", "dump", "--pin-dir", str(pin_dir)]) == 0
+    table = capsys.readouterr().out
+    assert "203.0.113.5/32" in table and "tcp/443" in table and "static" in table
+    assert cli.main(["map", "dump", "--pin-dir", str(pin_dir), "--output", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["endpoint"] == 3 and 55 < rows[0]["expires_in"] <= 60
+    assert cli.main(["map", "dump", "--pin-dir", str(bpffs / "nothing")]) == cli.ExitCode.USAGE
