@@ -230,6 +230,26 @@ def _bind(ip: str, port: int, kind: int) -> socket.socket:
     return sock
 
 
+def _bind_pair(ip: str, port: int, tcp: bool) -> tuple[socket.socket, socket.socket | None]:
+    """A UDP socket and (if ``tcp``) a TCP socket on the same ``ip``:``port``.
+
+    Port 0 lets the kernel pick the UDP port, which TCP then takes too; if that port happens to
+    be busy for TCP, another is tried.
+    """
+    attempts = 20 if port == 0 else 1
+    for attempt in range(attempts):
+        udp = _bind(ip, port, socket.SOCK_DGRAM)
+        if not tcp:
+            return udp, None
+        try:
+            return udp, _bind(ip, udp.getsockname()[1], socket.SOCK_STREAM)
+        except OSError:
+            udp.close()
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 class DnsServer:
     """The UDP and TCP listeners on every configured address."""
 
@@ -254,18 +274,16 @@ class DnsServer:
         """
         loop = asyncio.get_running_loop()
         for ip, port in self._addresses:
-            udp_sock = _bind(ip, port, socket.SOCK_DGRAM)
-            # Port 0: TCP takes the port the kernel gave UDP, so one port serves both.
+            udp_sock, tcp_sock = _bind_pair(ip, port, self._tcp)
             port = udp_sock.getsockname()[1]
             local = (ip, port)
             transport, _ = await loop.create_datagram_endpoint(
                 lambda local=local: _UdpListener(self._handle, self.tasks, local), sock=udp_sock)
             self._closers.append(transport.close)
             self.bound.append(("udp", ip, port))
-            if self._tcp:
+            if tcp_sock is not None:
                 listener = _TcpListener(self._handle, self.tasks, local, self._limits,
                                         self._metrics)
-                tcp_sock = _bind(ip, port, socket.SOCK_STREAM)
                 server = await loop.create_server(listener.protocol, sock=tcp_sock, backlog=1024)
                 self._closers.append(server.close)
                 self._tcp_listeners.append(listener)

@@ -23,9 +23,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from fqdnproxy.datapath import portmath
 from fqdnproxy.datapath.allowmap import (
-    MAX_PORT_RANGES, AllowEntry, AllowEntryError, AllowKey, AllowMapWriter, PortRange,
-    kernel_now_ns)
+    AllowEntry, AllowEntryError, AllowKey, AllowMapWriter, PortRange, kernel_now_ns)
 from fqdnproxy.dns import wire
 from fqdnproxy.errors import FqdnproxyError
 from fqdnproxy.exchange import AllowedIp, Exchange, LearnError
@@ -33,7 +33,6 @@ from fqdnproxy.fqdn.cache import RESTORED, FqdnCache
 from fqdnproxy.policy import model
 
 NS = 1_000_000_000
-_PROTOCOL_NUMBERS = {"TCP": (6,), "UDP": (17,), "ANY": (0,)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,39 +40,6 @@ class LearnSettings:
     """See ``config.CacheConfig`` for the documented defaults."""
 
     min_ttl: int = 60  # seconds
-
-
-def port_ranges(ports: model.PortSet) -> tuple[PortRange, ...]:
-    """Policy ports as datapath port ranges, merged (see ``merge_ranges``)."""
-    return merge_ranges(tuple(
-        PortRange(number, r.first, r.last)
-        for r in ports.ranges for number in _PROTOCOL_NUMBERS.get(r.protocol.upper(), (0,))))
-
-
-def merge_ranges(ranges: tuple[PortRange, ...]) -> tuple[PortRange, ...]:
-    """Overlapping or adjacent ranges of one protocol merged; at most ``MAX_PORT_RANGES``.
-
-    Raises:
-        LearnError: more disjoint ranges than an entry holds (never widened silently).
-    """
-    by_protocol: dict[int, list[tuple[int, int]]] = {}
-    for r in ranges:
-        by_protocol.setdefault(r.protocol, []).append((r.first, r.last))
-    merged: list[PortRange] = []
-    for number, spans in sorted(by_protocol.items()):
-        spans.sort()
-        first, last = spans[0]
-        for a, b in spans[1:]:
-            if a <= last + 1:
-                last = max(last, b)
-            else:
-                merged.append(PortRange(number, first, last))
-                first, last = a, b
-        merged.append(PortRange(number, first, last))
-    if len(merged) > MAX_PORT_RANGES:
-        raise LearnError(f"{len(merged)} disjoint port ranges; an allow entry holds "
-                         f"{MAX_PORT_RANGES}")
-    return tuple(merged)
 
 
 def describe_ports(ranges: Iterable[PortRange]) -> str:
@@ -171,13 +137,21 @@ class AllowLearner:
         if ports is None and not kept:
             self._restored.pop((endpoint_id, ip), None)
             return None
-        ports = ports if ports is not None else model.PortSet(())
+        allowed = list(kept) + (list(portmath.from_policy(ports)) if ports is not None else [])
+        # The kernel stops at this /32 or /128: it must carry the static rules covering the IP
+        # too, allows added and denies taken away (denies win).
         address = ipaddress.ip_address(ip)
+        denied: list[PortRange] = []
         for rule in policy.allows:  # type: ignore[attr-defined]
             if rule.covers(address):
-                ports = ports.union(rule.ports)
+                allowed += portmath.from_policy(rule.ports)
+        for rule in policy.denies:  # type: ignore[attr-defined]
+            if rule.covers(address):
+                denied += portmath.from_policy(rule.ports)
         try:
-            ranges = merge_ranges(port_ranges(ports) + kept)
+            ranges = portmath.subtract(tuple(allowed), denied)
+            if not ranges:
+                return None  # wholly denied: the static deny entry decides
             return AllowEntry(endpoint_id, ipaddress.ip_network(address), expiry, ranges)
         except AllowEntryError as error:
             raise LearnError(str(error)) from error

@@ -23,7 +23,6 @@ from fqdnproxy.dns import upstream as upstream_mod
 from fqdnproxy.dns import wire
 from fqdnproxy.fqdn.cache import CacheLimits, FqdnCache
 from fqdnproxy.fqdn.learner import AllowLearner, LearnSettings
-from fqdnproxy.lab import knot
 from fqdnproxy.observe.metrics import Metrics
 from fqdnproxy.policy.decider import PolicyDecider
 from fqdnproxy.policy.reload import PolicyStore
@@ -111,13 +110,10 @@ class Rig:
 async def make_rig(tmp_path: Path, *, allow_map: InMemoryAllowMap | None = None,
                    limits: CacheLimits = CacheLimits(),
                    deny_rcode: wire.Rcode = wire.Rcode.REFUSED) -> Rig:
-    port = knot.free_port(("127.0.0.1",))
     policy_dir = tmp_path / "policies"
     policy_dir.mkdir()
-    (policy_dir / "web.yaml").write_text(POLICY.format(port=port))
     (tmp_path / "endpoints.yaml").write_text(INVENTORY)
     store = PolicyStore(policy_dir, tmp_path / "endpoints.yaml")
-    store.load()
     upstream = await FakeUpstream().start()
     metrics = Metrics()
     audit = RecordingAudit()
@@ -135,9 +131,12 @@ async def make_rig(tmp_path: Path, *, allow_map: InMemoryAllowMap | None = None,
     proxy = proxy_mod.Proxy(client, proxy_mod.RoundRobinUpstreams([upstream.address]), audit,
                             metrics, proxy_mod.ProxySettings(deny_rcode=deny_rcode),
                             decider=PolicyDecider(lambda: store.current), learner=learner)
-    server = server_mod.DnsServer([("127.0.0.1", port)], proxy.handle, metrics,
+    server = server_mod.DnsServer([("127.0.0.1", 0)], proxy.handle, metrics,
                                   server_mod.ListenerLimits())
     await server.start()
+    port = server.bound[0][2]  # the policy names the port the kernel gave the proxy
+    (policy_dir / "web.yaml").write_text(POLICY.format(port=port))
+    store.load()
     return Rig(upstream, server, client, allow_map, cache, learner, store, audit,
                ("127.0.0.1", port), policy_dir)
 

@@ -76,13 +76,20 @@ class FakeUpstream:
     async def start(self) -> FakeUpstream:
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        udp = socket.socket(family, socket.SOCK_DGRAM)
-        udp.bind((self.host, 0))
-        self.port = udp.getsockname()[1]
+        for attempt in range(20):  # the UDP port the kernel picks may be busy for TCP
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            udp.bind((self.host, 0))
+            self.port = udp.getsockname()[1]
+            try:
+                self._tcp = await asyncio.start_server(self._serve_tcp, self.host, self.port)
+                break
+            except OSError:
+                udp.close()
+                if attempt == 19:
+                    raise
         self._udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp)
         self._other_udp = socket.socket(family, socket.SOCK_DGRAM)
         self._other_udp.bind((self.host, 0))
-        self._tcp = await asyncio.start_server(self._serve_tcp, self.host, self.port)
         return self
 
     async def stop(self) -> None:
