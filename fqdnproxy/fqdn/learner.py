@@ -30,7 +30,6 @@ from fqdnproxy.dns import wire
 from fqdnproxy.errors import FqdnproxyError
 from fqdnproxy.exchange import AllowedIp, Exchange, LearnError
 from fqdnproxy.fqdn.cache import RESTORED, FqdnCache
-from fqdnproxy.policy import model
 
 NS = 1_000_000_000
 
@@ -101,7 +100,7 @@ class AllowLearner:
         upserts: dict[str, AllowEntry] = {}
         deletes: list[AllowKey] = []
         for ip in ips:
-            entry = self._entry(policy, endpoint_id, ip)
+            entry = self.entry_for(policy, endpoint_id, ip)
             if entry is None:
                 deletes.append(AllowKey(endpoint_id, ipaddress.ip_network(ip)))
             else:
@@ -119,40 +118,53 @@ class AllowLearner:
         """Remember the ports of a map entry restored at start without a name."""
         self._restored[(entry.endpoint_id, str(entry.network.network_address))] = entry.ports
 
-    def _entry(self, policy: object, endpoint_id: int, ip: str) -> AllowEntry | None:
+    def entry_for(self, policy: object, endpoint_id: int, ip: str) -> AllowEntry | None:
+        """The one map entry for (endpoint, ``ip``/32 or /128), or None if it should not exist.
+
+        Everything that decides this exact key meets here, so nothing else writes it: the names
+        the endpoint learned the IP under (ports selected, latest expiry), entries restored at
+        start, and the static rules covering the IP (allows added, denies taken away). A static
+        rule naming exactly this address (toCIDR 192.0.2.7/32, a toEndpoints peer) makes the
+        entry static: expiry 0, kept even when nothing was learned, and written as a deny
+        marker when denies leave no ports.
+        """
         select = policy.select  # type: ignore[attr-defined]
-        ports: model.PortSet | None = None
-        kept: tuple[PortRange, ...] = ()
+        allowed: list[PortRange] = []
+        learned = False
         expiry = 0
         for name, name_expiry in self.cache.holders(endpoint_id, ip).items():
             if name == RESTORED:
-                kept = self._restored.get((endpoint_id, ip), ())
+                ranges = self._restored.get((endpoint_id, ip), ())
+            else:
+                selected = select(name)
+                ranges = portmath.from_policy(selected) if selected is not None else ()
+            if ranges:
+                allowed += ranges
+                learned = True
                 expiry = max(expiry, name_expiry)
-                continue
-            selected = select(name)
-            if selected is None:
-                continue
-            ports = selected if ports is None else ports.union(selected)
-            expiry = max(expiry, name_expiry)
-        if ports is None and not kept:
+        if not learned:
             self._restored.pop((endpoint_id, ip), None)
-            return None
-        allowed = list(kept) + (list(portmath.from_policy(ports)) if ports is not None else [])
-        # The kernel stops at this /32 or /128: it must carry the static rules covering the IP
-        # too, allows added and denies taken away (denies win).
         address = ipaddress.ip_address(ip)
+        exact = ipaddress.ip_network(address)
+        static = False
         denied: list[PortRange] = []
         for rule in policy.allows:  # type: ignore[attr-defined]
             if rule.covers(address):
                 allowed += portmath.from_policy(rule.ports)
+                static = static or exact in rule.networks
         for rule in policy.denies:  # type: ignore[attr-defined]
             if rule.covers(address):
                 denied += portmath.from_policy(rule.ports)
+                static = static or exact in rule.networks
+        if not learned and not static:
+            return None
         try:
             ranges = portmath.subtract(tuple(allowed), denied)
+            if static:
+                return AllowEntry(endpoint_id, exact, 0, ranges or portmath.NO_PORTS)
             if not ranges:
-                return None  # wholly denied: the static deny entry decides
-            return AllowEntry(endpoint_id, ipaddress.ip_network(address), expiry, ranges)
+                return None  # wholly denied: the broader static deny entry decides
+            return AllowEntry(endpoint_id, exact, expiry, ranges)
         except AllowEntryError as error:
             raise LearnError(str(error)) from error
 
