@@ -84,6 +84,7 @@ class Agent:
     datapath: Any = None  # datapath.egress.EgressDatapath when enabled
     admin: AdminServer | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _applied: Any = None  # datapath.policy_sync.DesiredState last written
     _interrupts: int = 0
 
     # --- start ----------------------------------------------------------------------------------
@@ -103,6 +104,8 @@ class Agent:
             self.datapath = self._open_datapath() if cfg.datapath.enabled else None
             self.learner = self._build_learner()
             self._restore()
+            if self.datapath is not None:
+                await self._sync_datapath(initial=True)
             decider = PolicyDecider(lambda: self._store().current)
             learner = self.learner
         self.upstream = upstream_mod.UpstreamClient(_upstream_settings(cfg), self.metrics)
@@ -198,6 +201,45 @@ class Agent:
                      extra, RESTORED)
         self.learner.reevaluate()
 
+    def _dns_targets(self) -> list[tuple[str, int]]:
+        """Where enforced endpoints may always send DNS: the proxy's listeners and the
+        inventory's DNS services (port 53; transparent redirection hands those to the proxy)."""
+        targets = [config_mod.parse_address(text, allow_port_zero=True)
+                   for text in self.config.dns.listen]
+        for endpoint in self._store().current.registry:
+            if endpoint.kind == "service":
+                targets += [(ip, 53) for ip in endpoint.ips]
+        return [(ip, port) for ip, port in targets if port]
+
+    async def _sync_datapath(self, initial: bool = False) -> None:
+        """Write what the current policies say (endpoints, static rules) into the datapath.
+
+        At start the previous state is read back from the pinned maps, so rules removed while
+        the agent was down are removed too. The desired state is computed on the loop (it reads
+        the cache); writing it runs in a thread: netlink (tc attach) and batches of map writes
+        must not stall queries. A learned entry overwritten meanwhile is rewritten by the
+        re-evaluation that follows every reload.
+        """
+        from fqdnproxy.datapath import policy_sync
+
+        assert self.learner is not None
+        current = self._store().current
+        desired = policy_sync.desired_state(current.engine, current.registry,
+                                            self.learner.entry_for, self._dns_targets())
+        previous = policy_sync.current_state(self.datapath) if initial else self._applied
+        applied = await asyncio.to_thread(policy_sync.apply, self.datapath, desired, previous)
+        if initial:
+            for name in self.config.datapath.interfaces:
+                await asyncio.to_thread(self.datapath.attach, name)
+        self._applied = desired
+        for name in desired.missing_interfaces:
+            log.warning("datapath: interface %s of the inventory is not here; its endpoint is "
+                        "enforced by source address only, without anti-spoofing", name)
+        log.info("datapath: %d endpoints set, %d removed, %d static entries written, %d deleted,"
+                 " attached to %s", applied.endpoints_set, applied.endpoints_removed,
+                 applied.entries_written, applied.entries_deleted,
+                 ", ".join(applied.attached) or "nothing new")
+
     def _start_metrics_endpoint(self, listen: str) -> None:
         from prometheus_client import start_http_server
 
@@ -253,6 +295,8 @@ class Agent:
             return result.status
         for warning in result.warnings:
             log.warning("policy: %s", warning)
+        if self.datapath is not None:
+            await self._sync_datapath()
         if self.learner is not None:
             changed = self.learner.reevaluate()
             log.info("policies reloaded (version %d); %d cached entries re-evaluated",

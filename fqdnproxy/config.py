@@ -161,6 +161,9 @@ class DatapathConfig:
         False, "load the tc program, attach it to the inventory's interfaces and write "
         "learned IPs to its allow map (needs root and BPF)")
     pin_dir: str = _opt("/sys/fs/bpf/fqdnproxy", "where the maps are pinned (on bpffs)")
+    interfaces: tuple[str, ...] = _opt(
+        [], "also attach to these interfaces (a LAN gateway: endpoints known by source IP "
+        "arrive there); the inventory's endpoint interfaces are attached anyway")
 
 
 LogLevel = Literal["debug", "info", "warning", "error"]

@@ -69,6 +69,10 @@ def ensure_bpffs(pin_dir: Path, mountpoint: Path = DEFAULT_BPFFS) -> None:
     """
     if pin_dir.is_dir() and bpfsys.is_bpffs(pin_dir):
         return
+    existing = next((p for p in (pin_dir, *pin_dir.parents) if p.exists()), None)
+    if existing is not None and bpfsys.is_bpffs(existing):
+        pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # on a bpffs mounted elsewhere
+        return
     if not bpfsys.is_bpffs(mountpoint):
         if not (pin_dir == mountpoint or mountpoint in pin_dir.parents):
             raise DatapathError(f"{pin_dir} is not on a bpf filesystem, and not under {mountpoint}")

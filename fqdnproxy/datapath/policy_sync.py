@@ -115,6 +115,19 @@ def _covering_ranges(rules: Iterable[object], prefix: Network) -> list[PortRange
     return ranges
 
 
+def current_state(datapath: object) -> DesiredState:
+    """What the pinned maps hold now (endpoints, static entries), as ``apply``'s ``previous``.
+
+    Learned entries (with an expiry) are not part of it: the learner owns them.
+    """
+    maps = datapath.maps  # type: ignore[attr-defined]
+    endpoints = {str(address): (value.endpoint_id, value.flags, value.ifindex)
+                 for address, value in maps.endpoints()}
+    static = {(e.endpoint_id, e.network): e
+              for e in datapath.dump() if e.expiry_ns == 0}  # type: ignore[attr-defined]
+    return DesiredState(endpoints, static)
+
+
 @dataclass(frozen=True)
 class Applied:
     """What one ``apply`` changed."""

@@ -1,0 +1,139 @@
+"""The whole agent enforcing in namespaces (tiers 3 and 4): a pod resolves through the proxy,
+the answer's IP reaches the kernel map before release, the tc program lets exactly that through,
+another pod gains nothing, and a ``kill -9`` of the agent changes nothing for the pod.
+
+    pod1, pod2 --(lxc1, lxc2)-- node [fqdnproxy run, datapath on] --(wan0)-- world [knot, servers]
+
+The agent runs in the node namespace (explicit mode: pods use 192.0.2.1, the node's address on
+their link, as their DNS server), knot serves demo.test in the world namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fqdnproxy.lab import knot
+from fqdnproxy.lab.agent_process import AgentProcess
+from tests.conftest import require
+from tests.datapath import topology as topo
+from tests.support import netns
+from tests.support.audit_schema import validate
+
+pytestmark = pytest.mark.root
+
+KNOT = ("203.0.113.9", 5353)
+
+POLICY = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: demo}
+spec:
+  endpointSelector:
+    matchLabels: {app: web}
+  egress:
+    - toEndpoints:
+        - matchLabels:
+            "k8s:io.kubernetes.pod.namespace": kube-system
+            "k8s:k8s-app": kube-dns
+      toPorts:
+        - ports: [{port: "53", protocol: ANY}]
+          rules:
+            dns:
+              - matchName: api.demo.test
+              - matchName: www.demo.test
+    - toFQDNs:
+        - matchName: api.demo.test
+        - matchName: www.demo.test
+      toPorts:
+        - ports: [{port: "8080", protocol: TCP}]
+"""
+
+INVENTORY = """\
+endpoints:
+  - {namespace: demo, name: pod1, id: 1, labels: {app: web}, ips: ["192.0.2.10"],
+     interface: lxc1}
+  - {namespace: demo, name: pod2, id: 2, labels: {app: web}, ips: ["192.0.2.20"],
+     interface: lxc2}
+  - {namespace: kube-system, name: kube-dns, kind: service, labels: {k8s-app: kube-dns},
+     ips: ["192.0.2.1"]}
+"""
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[tuple[topo.Topology, knot.KnotServer]]:
+    require(knot.KnotServer(listen=[KNOT]).knotd and Path("/usr/sbin/knotd").exists(),
+            "knotd not installed (apt package knot; run `make bootstrap`)")
+    with topo.topology() as t:
+        with knot.KnotServer(listen=[KNOT], netns=t.world, workers=1) as server:
+            yield t, server
+
+
+def _agent(t: topo.Topology, pin_dir: Path, tmp_path: Path) -> AgentProcess:
+    policies = tmp_path / "policies"
+    policies.mkdir(exist_ok=True)
+    (policies / "web.yaml").write_text(POLICY)
+    (tmp_path / "endpoints.yaml").write_text(INVENTORY)
+    return AgentProcess([
+        "--dns-listen", "192.0.2.1:53",
+        "--upstream-servers", f"{KNOT[0]}:{KNOT[1]}",
+        "--policy-directory", str(policies),
+        "--policy-endpoints", str(tmp_path / "endpoints.yaml"),
+        "--datapath-enabled", "true",
+        "--datapath-pin-dir", str(pin_dir),
+        "--state-directory", str(tmp_path / "state"),
+        "--state-admin-socket", str(tmp_path / "admin.sock"),
+        "--audit-path", str(tmp_path / "audit.jsonl"),
+        "--metrics-listen", "",
+    ], netns=t.node, start_timeout=120)
+
+
+def _dig(pod: topo.Pod, name: str) -> tuple[str, list[str]]:
+    out = netns.run(pod.ns, "dig", "+tries=1", "+time=3", "@192.0.2.1", name, "A", check=False)
+    status = next((line.split("status: ")[1].split(",")[0]
+                   for line in out.stdout.splitlines() if "status: " in line), "TIMEOUT")
+    answers = [line.split()[-1] for line in out.stdout.splitlines()
+               if "\tIN\tA\t" in line and not line.startswith(";")]
+    return status, answers
+
+
+def _cache(tmp_path: Path) -> list[dict[str, object]]:
+    out = subprocess.run(
+        [".venv/bin/fqdnproxy", "cache", "list", "--socket", str(tmp_path / "admin.sock"),
+         "--output", "json"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_learned_ip_is_enforced_per_pod_and_survives_kill_9(
+        world: tuple[topo.Topology, knot.KnotServer], pin_dir: Path, tmp_path: Path) -> None:
+    t, _ = world
+    api = "tcp,203.0.113.10,8080"
+    agent = _agent(t, pin_dir, tmp_path).start()
+    try:
+        assert t.probe(t.pod1, api) == [False]  # never resolved: dropped
+        assert _dig(t.pod1, "api.demo.test") == ("NOERROR", ["203.0.113.10"])
+        assert t.probe(t.pod1, api, "tcp,203.0.113.10,8081", "tcp,203.0.113.1,8080") == [
+            True, False, False]  # the learned IP, on the allowed port only
+        assert t.probe(t.pod2, api) == [False]  # same policy, but pod2 never looked it up
+        assert _dig(t.pod1, "db.demo.test")[0] == "REFUSED"
+        assert [r["name"] for r in _cache(tmp_path)] == ["api.demo.test."]
+
+        agent.stop(signal.SIGKILL)
+        assert t.probe(t.pod1, api) == [True]  # the kernel enforces without the agent
+        assert t.probe(t.pod2, api) == [False]
+
+        agent = _agent(t, pin_dir, tmp_path).start()
+        rows = _cache(tmp_path)  # no snapshot was written: the map entry comes back unnamed
+        assert [(r["name"], r["ips"], r["source"]) for r in rows] == [
+            ("restored", ["203.0.113.10"], "restored")]
+        assert t.probe(t.pod1, api) == [True] and t.probe(t.pod2, api) == [False]
+        assert _dig(t.pod1, "www.demo.test")[0] == "NOERROR"
+    finally:
+        agent.stop()
+    for line in (tmp_path / "audit.jsonl").read_text().splitlines():
+        validate(json.loads(line))
