@@ -91,6 +91,11 @@ class AgentProcess:
             self._lines.put(self.log[-1])
         self._lines.put(None)
 
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` to the agent."""
+        assert self._proc is not None
+        self._proc.send_signal(sig)
+
     def stop(self, sig: int = signal.SIGTERM) -> int:
         """Signal the agent, wait for it (SIGKILL after ``stop_timeout``); its exit status."""
         proc = self._proc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,3 +98,24 @@ def test_port_in_use_is_a_startup_failure(agent: AgentProcess) -> None:
         second.start()
     assert "cannot bind" in str(raised.value)
     assert second.stop() == 3
+
+
+def test_sighup_reopens_the_audit_file(agent: AgentProcess, tmp_path: Path) -> None:
+    v4 = agent.address("udp", "127.0.0.1")
+    audit = tmp_path / "audit.jsonl"
+    ask(v4, "api.demo.test", "A")
+    rotated = tmp_path / "audit.jsonl.1"
+    deadline = time.monotonic() + 5
+    while not audit.exists() or not audit.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    audit.rename(rotated)  # what logrotate does, then it signals the agent
+    agent.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while not audit.exists():
+        assert time.monotonic() < deadline, "the audit file was not reopened"
+        time.sleep(0.05)
+    ask(v4, "db.demo.test", "A")
+    assert agent.stop() == 0
+    assert "api.demo.test." in rotated.read_text()
+    assert "db.demo.test." in audit.read_text() and "api.demo.test." not in audit.read_text()

@@ -297,3 +297,27 @@ async def test_garbage_collection_deletes_expired_entries(rig: Rig) -> None:
     assert rig.learner.collect_garbage(kernel_now_ns() + 301 * S, 100) == 1
     assert not rig.allow_map.dump() and len(rig.cache) == 0
 
+
+
+async def test_concurrent_lookups_never_release_before_their_ips_are_written(rig: Rig) -> None:
+    # Each answer carries different addresses (a rotating upstream); every answer a client
+    # receives must already have all of its addresses in the map.
+    for i in range(1, 31):
+        rig.upstream.add(f"spin.allowed.test. 300 IN A 198.51.100.{i}")
+    import asyncio
+    import random
+
+    def rotate(request: DNSRecord, protocol: str, original=rig.upstream.answer_for) -> DNSRecord:
+        reply = original(request, protocol)
+        keep = random.sample(list(reply.rr), 3)
+        reply.rr = keep
+        return reply
+
+    rig.upstream.answer_for = rotate  # type: ignore[method-assign]
+
+    async def ask_and_check() -> int:
+        answer = await rig.ask("spin.allowed.test", WEB1)
+        # Checked the moment the answer arrives, before anything else can run.
+        return sum(rig.entry(1, str(rr.rdata)) is not None for rr in answer.rr)
+
+    assert await asyncio.gather(*(ask_and_check() for _ in range(25))) == [3] * 25
