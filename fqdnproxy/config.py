@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, get_args, get_origin
@@ -218,6 +219,9 @@ def parse_address(text: str, allow_port_zero: bool = False) -> tuple[str, int]:
     elif ":" in host:
         raise ValueError(f"{text!r}: write an IPv6 address in brackets, [ADDR]:PORT")
     ip = ipaddress.ip_address(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        raise ValueError(f"{text!r}: write the IPv4 address itself ({ip.ipv4_mapped}), "
+                         "not its IPv4-mapped IPv6 form")
     lowest = 0 if allow_port_zero else 1
     if not port_text.isdigit() or not lowest <= int(port_text) < 65536:
         raise ValueError(f"{text!r}: port must be {lowest}..65535")
@@ -338,6 +342,8 @@ def _seconds(value: Any, where: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{where}: expected a duration, got {value!r}")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite duration, got {value!r}")
         return float(value)
     if isinstance(value, str):
         text = value.strip().lower()
@@ -348,9 +354,12 @@ def _seconds(value: Any, where: str) -> float:
         else:
             factor = 1.0
         try:
-            return float(text) * factor
+            seconds = float(text) * factor
         except ValueError:
             pass
+        else:
+            if math.isfinite(seconds):
+                return seconds
     raise ConfigError(f"{where}: expected a duration such as 2, 2s or 500ms, got {value!r}")
 
 

@@ -89,6 +89,14 @@ class Proxy:
 
     async def handle(self, data: bytes, client: Client) -> bytes | None:
         """The reply to send back, or None to stay silent. Never raises."""
+        try:
+            return await self._handle(data, client)
+        except Exception:  # even the failure path failed (an audit sink, say): count, log, drop
+            self._metrics.handler_errors.inc()
+            log.exception("handler failed outside its own boundary")
+            return None
+
+    async def _handle(self, data: bytes, client: Client) -> bytes | None:
         received = time.monotonic()
         query = self._read(data, client)
         if query is None:
@@ -109,7 +117,7 @@ class Proxy:
             decision = self._decider.decide(client, query, client.local)
             exchange = Exchange(client, data, query, received, server, decision)
             return await self._resolve(exchange)
-        except Exception as error:  # the handler boundary: count, log, SERVFAIL
+        except Exception as error:  # the stage boundary: count, log, SERVFAIL
             self._metrics.handler_errors.inc()
             log.exception("handler failed for %s", query.question.name)
             return self._fail(exchange or Exchange(client, data, query, received),

@@ -25,6 +25,8 @@ from fqdnproxy.observe.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+WRITE_BUFFER_HIGH = 64 * 1024  # bytes of unread answers per TCP connection before pausing
+
 
 QueryHandler = Callable[[bytes, Client], Awaitable[bytes | None]]
 
@@ -100,7 +102,8 @@ class _TcpConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._client: Client | None = None
         self._in_flight = 0
-        self._paused = False
+        self._reading = True
+        self._write_blocked_since: float | None = None  # the client stopped reading answers
         self.last_activity = time.monotonic()
         self.partial_since: float | None = None
 
@@ -114,6 +117,9 @@ class _TcpConnection(asyncio.Protocol):
             return
         peer = transport.get_extra_info("peername")
         self._client = Client(peer[0], peer[1], "tcp", listener.local)
+        # Answers a client does not read pile up here at most up to this much, then the
+        # connection stops being read (see pause_writing).
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
         listener.connections.add(self)
         listener.metrics.tcp_connections.inc()
 
@@ -134,7 +140,7 @@ class _TcpConnection(asyncio.Protocol):
         """Hand every complete message on, up to the per-connection in-flight cap."""
         buffer = self._buffer
         cap = self._listener.limits.tcp_max_queries_per_connection
-        while len(buffer) >= 2 and self._in_flight < cap:
+        while len(buffer) >= 2 and self._in_flight < cap and self._write_blocked_since is None:
             (length,) = struct.unpack_from("!H", buffer)
             if len(buffer) < 2 + length:
                 break
@@ -143,13 +149,10 @@ class _TcpConnection(asyncio.Protocol):
             self._in_flight += 1
             assert self._client is not None
             self._listener.tasks.spawn(self._serve(message, self._client))
-        if self._in_flight >= cap and not self._paused and self._transport is not None:
-            # Back-pressure, not a drop: stop reading until answers go out.
-            self._paused = True
-            self._transport.pause_reading()
-        # Only an incomplete message can stall; complete ones waiting for the cap cannot.
-        incomplete = bool(buffer) and self._in_flight < cap
-        if not incomplete:
+        self._update_reading()
+        # Only an incomplete message can stall; complete ones waiting for room cannot.
+        waiting = len(buffer) >= 2 and len(buffer) >= 2 + struct.unpack_from("!H", buffer)[0]
+        if not buffer or waiting:
             self.partial_since = None
         elif self.partial_since is None:
             self.partial_since = time.monotonic()
@@ -168,10 +171,32 @@ class _TcpConnection(asyncio.Protocol):
         if reply is not None:
             transport.write(struct.pack("!H", len(reply)) + reply)
             self.last_activity = time.monotonic()
-        if self._paused and self._in_flight < self._listener.limits.tcp_max_queries_per_connection:
-            self._paused = False
-            transport.resume_reading()
-            self._dispatch_buffered()
+        self._dispatch_buffered()
+
+    # Back-pressure, not drops: a connection is read only while it has room for more queries
+    # in flight and its client reads the answers (the transport's write buffer is below its
+    # high-water mark).
+
+    def pause_writing(self) -> None:
+        self._write_blocked_since = time.monotonic()
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_blocked_since = None
+        self._dispatch_buffered()
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        room = self._in_flight < self._listener.limits.tcp_max_queries_per_connection
+        wanted = room and self._write_blocked_since is None
+        if wanted != self._reading:
+            self._reading = wanted
+            if wanted:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
 
     def close(self) -> None:
         if self._transport is not None:
@@ -185,11 +210,16 @@ class _TcpConnection(asyncio.Protocol):
         reason = None
         if self.partial_since is not None and now - self.partial_since > limits.tcp_message_timeout:
             reason = "stalled"
+        elif (self._write_blocked_since is not None
+              and now - self._write_blocked_since > limits.tcp_idle_timeout):
+            reason = "not_reading"
         elif self._in_flight == 0 and now - self.last_activity > limits.tcp_idle_timeout:
             reason = "idle"
         if reason is not None:
             self._listener.metrics.tcp_closed.labels(reason).inc()
-            self._transport.close()
+            # abort, not close: close would wait for unread answers to drain, forever.
+            self._transport.abort()
+            self._transport = None
 
 
 class _TcpListener:

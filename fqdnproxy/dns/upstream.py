@@ -174,13 +174,19 @@ class _ServerPool:
         self.server = server
         self.sockets: list[_UpstreamSocket] = []
         self.retiring: set[_UpstreamSocket] = set()
+        self.closed = False
         self._filling: asyncio.Lock = asyncio.Lock()
 
     async def fill(self) -> None:
-        """Open sockets until the pool has its full count."""
+        """Open sockets until the pool has its full count (none once the pool is closed)."""
         async with self._filling:
-            while len(self.sockets) < self.client.settings.sockets_per_server:
-                self.sockets.append(await self._open())
+            while not self.closed and len(self.sockets) < self.client.settings.sockets_per_server:
+                sock = await self._open()
+                if self.closed:  # evicted or shut down while the socket was being opened
+                    sock.close()
+                    self.client.metrics.upstream_sockets.dec()
+                    break
+                self.sockets.append(sock)
 
     async def _open(self) -> _UpstreamSocket:
         loop = asyncio.get_running_loop()
@@ -211,6 +217,7 @@ class _ServerPool:
             self.client.metrics.upstream_sockets.dec()
 
     def close(self) -> None:
+        self.closed = True
         for sock in [*self.sockets, *self.retiring]:
             sock.fail_all(UpstreamUnreachable("upstream client closed"))
             sock.close()
@@ -220,7 +227,8 @@ class _ServerPool:
 
     @property
     def busy(self) -> bool:
-        return any(s.pending for s in self.sockets) or bool(self.retiring)
+        return (any(s.pending for s in self.sockets) or bool(self.retiring)
+                or self._filling.locked())
 
 
 class UpstreamClient:
@@ -298,7 +306,9 @@ class UpstreamClient:
 
     def _new_pool(self, server: Server) -> _ServerPool:
         # Transparent mode forwards to whatever server a pod asked: keep the number of servers
-        # with open sockets bounded, closing the least recently used idle one.
+        # with open sockets bounded, closing the least recently used idle one. When every pool
+        # is busy the cap is exceeded rather than failing a query; busy pools are bounded by
+        # the proxy's in-flight cap.
         if len(self._pools) >= self.settings.max_servers:
             for old_server, old_pool in self._pools.items():
                 if not old_pool.busy:

@@ -360,6 +360,10 @@ def _read_labels(cur: _Cursor) -> list[bytes]:
             target = ((length & 0x3F) << 8) | data[take(1)]
             if target >= len(data):
                 raise BadPointer(f"pointer at {at} to {target}, outside the message", offset=at)
+            if target < HEADER_SIZE:
+                # The header is no name: reading one there would take the ID as a label, and
+                # the proxy rewrites the ID before forwarding.
+                raise BadPointer(f"pointer at {at} to {target}, inside the header", offset=at)
             if target >= limit:
                 raise BadPointer(f"pointer at {at} to {target}, not before {limit}", offset=at)
             if resume < 0:

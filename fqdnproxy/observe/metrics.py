@@ -85,7 +85,8 @@ class Metrics:
             "fqdnproxy_tcp_connections", "Open client TCP connections", registry=r)
         self.tcp_closed = Counter(
             "fqdnproxy_tcp_connections_closed", "Client TCP connections closed by the proxy, "
-            "by reason (limit, idle, stalled)", ["reason"], registry=r)
+            "by reason (limit, idle, stalled: a partial message stalled, not_reading: the "
+            "client stopped reading its answers)", ["reason"], registry=r)
         self.handler_errors = Counter(
             "fqdnproxy_handler_errors", "Unexpected exceptions caught at the handler boundary "
             "(answered SERVFAIL)", registry=r)

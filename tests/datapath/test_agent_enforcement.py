@@ -90,6 +90,7 @@ def _agent(t: topo.Topology, pin_dir: Path, tmp_path: Path) -> AgentProcess:
         "--state-admin-socket", str(tmp_path / "admin.sock"),
         "--audit-path", str(tmp_path / "audit.jsonl"),
         "--metrics-listen", "",
+        "--policy-reload-interval", "0.2",
     ], netns=t.node, start_timeout=120)
 
 
@@ -137,3 +138,46 @@ def test_learned_ip_is_enforced_per_pod_and_survives_kill_9(
         agent.stop()
     for line in (tmp_path / "audit.jsonl").read_text().splitlines():
         validate(json.loads(line))
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_cname_chain_reload_reevaluation_and_endpoint_removal(
+        world: tuple[topo.Topology, knot.KnotServer], pin_dir: Path, tmp_path: Path) -> None:
+    t, _ = world
+    api = "tcp,203.0.113.10,8080"
+    agent = _agent(t, pin_dir, tmp_path).start()
+    policy = tmp_path / "policies" / "web.yaml"
+    selected = "        - matchName: www.demo.test\n      toPorts"
+    try:
+        # www -> web -> api: the IP is learned under the name asked, with the chain's min TTL.
+        assert _dig(t.pod1, "www.demo.test") == ("NOERROR", ["203.0.113.10"])
+        assert t.probe(t.pod1, api) == [True]
+        # No longer selected by toFQDNs: the entry goes at once, no new lookup needed.
+        policy.write_text(policy.read_text().replace(selected, "      toPorts"))
+        assert _wait_for(lambda: t.probe(t.pod1, api) == [False])
+        # Selected again: the cached name is allowed at once.
+        policy.write_text(policy.read_text().replace(
+            "        - matchName: api.demo.test\n      toPorts", "        - matchName: api.demo.test\n" + selected))
+        assert _wait_for(lambda: t.probe(t.pod1, api) == [True])
+        # pod1 leaves the inventory: everything it learned is gone.
+        inventory = tmp_path / "endpoints.yaml"
+        inventory.write_text(inventory.read_text().replace(
+            '  - {namespace: demo, name: pod1, id: 1, labels: {app: web}, ips: ["192.0.2.10"],\n'
+            '     interface: lxc1}\n', ""))
+        assert _wait_for(lambda: _cache(tmp_path) == [])
+        dump = subprocess.run(
+            [".venv/bin/fqdnproxy", "map", "dump", "--pin-dir", str(pin_dir), "--output", "json"],
+            capture_output=True, text=True, check=True)
+        assert all(entry["endpoint"] != 1 for entry in json.loads(dump.stdout))
+    finally:
+        agent.stop()

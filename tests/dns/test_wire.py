@@ -710,3 +710,10 @@ def test_fast_builders_set_every_field(cls, build):
     """The parsers' fast builders must stay in step with the dataclasses' fields."""
     values = list(range(len(dataclasses.fields(cls))))
     assert build(*values) == cls(*values)
+
+
+def test_pointer_into_the_header_is_rejected() -> None:
+    # A question name that is only a pointer to offset 0: the "name" would be the ID bytes.
+    data = bytes.fromhex("0161 0100 0001 0000 0000 0000".replace(" ", "")) + b"\xc0\x00\x00\x01\x00\x01"
+    with pytest.raises(wire.BadPointer, match="inside the header"):
+        wire.parse_query(data)

@@ -14,6 +14,7 @@ from dnslib import EDNS0, QTYPE, DNSRecord
 from fqdnproxy import proxy as proxy_mod
 from fqdnproxy.dns import server as server_mod
 from fqdnproxy.dns import upstream as upstream_mod
+from fqdnproxy.dns import wire
 from fqdnproxy.observe.metrics import Metrics
 from tests.support.audit_schema import RecordingAudit
 from tests.support.dns_client import read_tcp_message, tcp_query, udp_exchange, udp_query
@@ -374,3 +375,52 @@ async def test_tcp_per_connection_cap_is_back_pressure_not_loss() -> None:
         writer.close()
     finally:
         await close_rig(rig)
+
+
+async def test_tcp_client_that_stops_reading_is_paused_then_closed() -> None:
+    rig = await make_rig(limits=server_mod.ListenerLimits(tcp_idle_timeout=0.5))
+    try:
+        rig.upstream.add(*(f"big.test. 60 IN A 192.0.2.{i}" for i in range(1, 101)))
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, rig.v4)
+        query = question("big.test").pack()
+        framed = struct.pack("!H", len(query)) + query
+        try:
+            for _ in range(3000):  # 3,000 queries of 1.6 KB answers, never reading one
+                await asyncio.wait_for(loop.sock_sendall(sock, framed), 0.2)
+        except (asyncio.TimeoutError, OSError):
+            pass  # the proxy stopped reading: the client's send buffer filled up
+        deadline = loop.time() + 5
+        while rig.metric("fqdnproxy_tcp_connections_closed_total", reason="not_reading") < 1:
+            assert loop.time() < deadline, "the non-reading client was never closed"
+            await asyncio.sleep(0.05)
+        assert rig.metric("fqdnproxy_tcp_connections") == 0
+        sock.close()
+    finally:
+        await close_rig(rig)
+
+
+async def test_server_pools_stay_bounded_and_leak_no_sockets() -> None:
+    metrics = Metrics()
+    settings = upstream_mod.UpstreamSettings(timeout=0.3, sockets_per_server=2, max_servers=4)
+    client = upstream_mod.UpstreamClient(settings, metrics)
+    await client.start()
+    upstreams = [await FakeUpstream().start() for _ in range(12)]
+    try:
+        data = question("pool.test").pack()
+        query = wire.parse_query(bytes(data))
+        for upstream in upstreams:  # one after another: each older pool is idle when evicted
+            assert await client.exchange_udp(upstream.address, query, bytes(data))
+        assert len(client._pools) <= 4
+        assert metrics.registry.get_sample_value("fqdnproxy_upstream_sockets") <= 8
+        # Many at once: pools being filled are never evicted half-made.
+        await asyncio.gather(*(client.exchange_udp(u.address, query, bytes(data))
+                               for u in upstreams), return_exceptions=True)
+    finally:
+        await client.close()
+        for upstream in upstreams:
+            await upstream.stop()
+    assert metrics.registry.get_sample_value("fqdnproxy_upstream_sockets") == 0
