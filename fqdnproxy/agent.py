@@ -51,6 +51,7 @@ from fqdnproxy.dns import wire
 from fqdnproxy.errors import FqdnproxyError
 from fqdnproxy.fqdn import snapshot
 from fqdnproxy.fqdn.cache import RESTORED, CacheLimits, FqdnCache
+from fqdnproxy.fqdn import learner as learner_mod
 from fqdnproxy.fqdn.learner import AllowLearner, LearnSettings
 from fqdnproxy.observe import audit as audit_mod
 from fqdnproxy.observe import dnstap as dnstap_mod
@@ -175,7 +176,7 @@ class Agent:
         cfg = self.config.cache
         self.cache = FqdnCache(CacheLimits(cfg.max_ips_per_name, cfg.max_names_per_endpoint,
                                            cfg.max_entries))
-        self.metrics.watch_cache(self.cache)
+        self.metrics.watch_cache(self.cache, learner_mod.memo_sizes)
         writer: AllowMapWriter = self.datapath if self.datapath is not None else NullAllowMap()
         return AllowLearner(self.cache, _TimedWriter(writer, self.metrics), self._policy_for,
                             LearnSettings(min_ttl=cfg.min_ttl))

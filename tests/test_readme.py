@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fqdnproxy import config
+from fqdnproxy.fqdn import learner
 from fqdnproxy.fqdn.cache import FqdnCache
 from fqdnproxy.observe.metrics import Metrics
 
@@ -19,7 +20,7 @@ def test_every_option_is_documented() -> None:
 
 def test_every_metric_is_documented() -> None:
     metrics = Metrics()
-    metrics.watch_cache(FqdnCache())
+    metrics.watch_cache(FqdnCache(), learner.memo_sizes)
     for family in metrics.registry.collect():
         name = family.name + ("_total" if family.type == "counter" else "")
         assert f"`{name}`" in README, name

@@ -18,6 +18,7 @@ Only NOERROR answers with addresses teach anything. Entries are per endpoint onl
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from collections.abc import Callable, Iterable
@@ -83,26 +84,36 @@ class AllowLearner:
             [(a.ip, now + max(a.ttl, floor) * NS) for a in response.addresses])
         if not decision.policy.enforced or not touched:
             return ()
-        written = self.sync(decision.policy, endpoint_id, touched)
+        # The answer's own IPs never need a delete: had no rule selected them before, nothing
+        # was written for them. IPs a cap evicted may have had an entry.
+        answered = {a.ip for a in response.addresses}
+        written = self.sync(decision.policy, endpoint_id, touched & answered, delete=False)
+        if touched - answered:
+            self.sync(decision.policy, endpoint_id, touched - answered)
         wall_offset = self._wall() - now / NS
         return tuple(
             AllowedIp(a.ip, entry.expiry_ns / NS + wall_offset, describe_ports(entry.ports))
             for a in response.addresses if (entry := written.get(a.ip)) is not None)
 
-    def sync(self, policy: object, endpoint_id: int, ips: Iterable[str]) -> dict[str, AllowEntry]:
+    def sync(self, policy: object, endpoint_id: int, ips: Iterable[str],
+             delete: bool = True) -> dict[str, AllowEntry]:
         """Rewrite (or delete) the map entries of ``ips`` from the cache and ``policy``.
 
         Used by ``learn`` and by policy re-evaluation. Returns the entries written, by IP.
+        ``delete`` False skips deleting keys that should not exist, for IPs that cannot have
+        an entry yet (just learned under a name no rule selects).
 
         Raises:
             LearnError: the map refused the write.
         """
         upserts: dict[str, AllowEntry] = {}
         deletes: list[AllowKey] = []
+        selections: dict[str, tuple[PortRange, ...]] = {}
         for ip in ips:
-            entry = self.entry_for(policy, endpoint_id, ip)
+            entry = self.entry_for(policy, endpoint_id, ip, selections)
             if entry is None:
-                deletes.append(AllowKey(endpoint_id, ipaddress.ip_network(ip)))
+                if delete:
+                    deletes.append(AllowKey(endpoint_id, _exact(ip)))
             else:
                 upserts[ip] = entry
         try:
@@ -118,7 +129,9 @@ class AllowLearner:
         """Remember the ports of a map entry restored at start without a name."""
         self._restored[(entry.endpoint_id, str(entry.network.network_address))] = entry.ports
 
-    def entry_for(self, policy: object, endpoint_id: int, ip: str) -> AllowEntry | None:
+    def entry_for(self, policy: object, endpoint_id: int, ip: str,
+                  selections: dict[str, tuple[PortRange, ...]] | None = None
+                  ) -> AllowEntry | None:
         """The one map entry for (endpoint, ``ip``/32 or /128), or None if it should not exist.
 
         Everything that decides this exact key meets here, so nothing else writes it: the names
@@ -126,45 +139,39 @@ class AllowLearner:
         start, and the static rules covering the IP (allows added, denies taken away). A static
         rule naming exactly this address (toCIDR 192.0.2.7/32, a toEndpoints peer) makes the
         entry static: expiry 0, kept even when nothing was learned, and written as a deny
-        marker when denies leave no ports.
+        marker when denies leave no ports. ``selections`` memoizes ``select`` per name across
+        the IPs of one answer.
         """
-        select = policy.select  # type: ignore[attr-defined]
-        allowed: list[PortRange] = []
+        if selections is None:
+            selections = {}
+        allowed: tuple[PortRange, ...] = ()
         learned = False
         expiry = 0
         for name, name_expiry in self.cache.holders(endpoint_id, ip).items():
             if name == RESTORED:
                 ranges = self._restored.get((endpoint_id, ip), ())
             else:
-                selected = select(name)
-                ranges = portmath.from_policy(selected) if selected is not None else ()
+                ranges = selections.get(name)  # type: ignore[assignment]
+                if ranges is None:
+                    selected = policy.select(name)  # type: ignore[attr-defined]
+                    ranges = selections[name] = (
+                        _policy_ranges(selected) if selected is not None else ())
             if ranges:
                 allowed += ranges
                 learned = True
                 expiry = max(expiry, name_expiry)
         if not learned:
             self._restored.pop((endpoint_id, ip), None)
-        address = ipaddress.ip_address(ip)
-        exact = ipaddress.ip_network(address)
-        static = False
-        denied: list[PortRange] = []
-        for rule in policy.allows:  # type: ignore[attr-defined]
-            if rule.covers(address):
-                allowed += portmath.from_policy(rule.ports)
-                static = static or exact in rule.networks
-        for rule in policy.denies:  # type: ignore[attr-defined]
-            if rule.covers(address):
-                denied += portmath.from_policy(rule.ports)
-                static = static or exact in rule.networks
+        static_allowed, denied, static = _static_rules(policy, ip)
         if not learned and not static:
             return None
         try:
-            ranges = portmath.subtract(tuple(allowed), denied)
+            ranges = _final_ranges(allowed + static_allowed, denied)
             if static:
-                return AllowEntry(endpoint_id, exact, 0, ranges or portmath.NO_PORTS)
+                return AllowEntry(endpoint_id, _exact(ip), 0, ranges or portmath.NO_PORTS)
             if not ranges:
                 return None  # wholly denied: the broader static deny entry decides
-            return AllowEntry(endpoint_id, exact, expiry, ranges)
+            return AllowEntry(endpoint_id, _exact(ip), expiry, ranges)
         except AllowEntryError as error:
             raise LearnError(str(error)) from error
 
@@ -212,10 +219,65 @@ class AllowLearner:
         return len(expired)
 
     def _delete(self, endpoint_id: int, ips: Iterable[str]) -> int:
-        keys = [AllowKey(endpoint_id, ipaddress.ip_network(ip)) for ip in ips]
+        keys = [AllowKey(endpoint_id, _exact(ip)) for ip in ips]
         if not keys:
             return 0
         try:
             return self.writer.delete_allows(keys)
         except (OSError, FqdnproxyError):
             return 0  # expired entries are harmless: the kernel checks expiry itself
+
+
+# --- memos -------------------------------------------------------------------------------------
+# The learn stage runs for every answer and mostly sees the same IPs, policies and port sets
+# again; each memo is an LRU with a cap (its size is exported as fqdnproxy_learner_memo_entries).
+# Keys hold policy objects, so a replaced policy is never confused with its successor.
+
+@functools.lru_cache(maxsize=65_536)
+def _exact(ip: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """``ip`` as a /32 or /128 network (ipaddress parsing costs microseconds)."""
+    return ipaddress.ip_network(ip)
+
+
+@functools.lru_cache(maxsize=4_096)
+def _policy_ranges(ports: object) -> tuple[PortRange, ...]:
+    return portmath.from_policy(ports)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=65_536)
+def _static_rules(policy: object, ip: str) -> tuple[tuple[PortRange, ...], tuple[PortRange, ...],
+                                                     bool]:
+    """(ranges the static allows covering ``ip`` add, ranges its denies take, whether a static
+    rule names exactly this address)."""
+    allows = policy.allows  # type: ignore[attr-defined]
+    denies = policy.denies  # type: ignore[attr-defined]
+    if not allows and not denies:
+        return (), (), False
+    address = ipaddress.ip_address(ip)
+    exact = _exact(ip)
+    allowed: tuple[PortRange, ...] = ()
+    denied: tuple[PortRange, ...] = ()
+    static = False
+    for rule in allows:
+        if rule.covers(address):
+            allowed += _policy_ranges(rule.ports)
+            static = static or exact in rule.networks
+    for rule in denies:
+        if rule.covers(address):
+            denied += _policy_ranges(rule.ports)
+            static = static or exact in rule.networks
+    return allowed, denied, static
+
+
+@functools.lru_cache(maxsize=4_096)
+def _final_ranges(allowed: tuple[PortRange, ...], denied: tuple[PortRange, ...]
+                  ) -> tuple[PortRange, ...]:
+    return portmath.subtract(allowed, denied)
+
+
+def memo_sizes() -> dict[str, int]:
+    """Entries held by each memo of the learn stage, for the metrics."""
+    return {"networks": _exact.cache_info().currsize,
+            "port_sets": _policy_ranges.cache_info().currsize,
+            "static_rules": _static_rules.cache_info().currsize,
+            "final_ranges": _final_ranges.cache_info().currsize}

@@ -119,9 +119,12 @@ class Metrics:
             "fqdnproxy_cache_snapshots", "Cache snapshots written, by result (ok, error)",
             ["result"], registry=r)
 
-    def watch_cache(self, cache: Any) -> None:
-        """Export the FQDN cache's sizes and evictions, read at scrape time (no hot-path cost)."""
-        self.registry.register(_CacheCollector(cache))
+    def watch_cache(self, cache: Any, memo_sizes: Any = None) -> None:
+        """Export the FQDN cache's sizes and evictions, read at scrape time (no hot-path cost).
+
+        ``memo_sizes`` returns the learn stage's memo sizes (``fqdn.learner.memo_sizes``).
+        """
+        self.registry.register(_CacheCollector(cache, memo_sizes or dict))
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached."""
@@ -135,8 +138,9 @@ class Metrics:
 class _CacheCollector:
     """``fqdnproxy_cache_*``: read from an ``fqdn.cache.FqdnCache`` when Prometheus scrapes."""
 
-    def __init__(self, cache: Any) -> None:
+    def __init__(self, cache: Any, memo_sizes: Any) -> None:
         self._cache = cache
+        self._memo_sizes = memo_sizes
 
     def describe(self) -> list[Any]:
         return []  # no registration-time collection
@@ -157,3 +161,9 @@ class _CacheCollector:
         for cap, count in cache.evictions.items():
             evictions.add_metric([cap], count)
         yield evictions
+        memos = GaugeMetricFamily(
+            "fqdnproxy_learner_memo_entries", "Entries in the learn stage's LRU memos (each "
+            "capped), by memo", labels=["memo"])
+        for memo, size in self._memo_sizes().items():
+            memos.add_metric([memo], size)
+        yield memos
