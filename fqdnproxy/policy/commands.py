@@ -48,8 +48,6 @@ def check(paths: Sequence[str | Path], endpoints_file: str | Path | None = None)
             count = len(endpoints.load_inventory(endpoints_file))
         except endpoints.EndpointsError as error:
             problems.extend(error.problems)
-    if not report.files:
-        problems.append(f"{', '.join(str(p) for p in paths)}: no policy files (*.yaml, *.yml)")
     return CheckResult(tuple(problems), tuple(str(w) for w in report.warnings), report.files,
                        len(report.policies), count)
 

@@ -7,6 +7,7 @@ appended, located by file, document index and field path, and the document then 
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import re
@@ -22,6 +23,11 @@ LABEL_SOURCES = ("any", "k8s", "container", "unspec")
 ENTITIES = ("world", "world-ipv4", "world-ipv6", "all")
 
 _TOP_KEYS = ("apiVersion", "kind", "metadata", "spec", "specs", "status")
+# Kubernetes ObjectMeta: anything else under metadata is a typo (``namespce: prod`` would
+# otherwise put the policy in ``default``).
+METADATA_KEYS = ("name", "namespace", "labels", "annotations", "generateName", "uid", "resourceVersion",
+                 "generation", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds",
+                 "ownerReferences", "finalizers", "managedFields", "selfLink")
 _SPEC_KEYS = ("endpointSelector", "egress", "egressDeny", "ingress", "ingressDeny",
               "enableDefaultDeny", "description", "labels")
 _SPEC_UNSUPPORTED = {"nodeSelector": "fqdnproxy enforces endpoints, not nodes (host policies)"}
@@ -41,6 +47,11 @@ _PORT_RULE_UNSUPPORTED = {
     "listener": "there are no Envoy listeners",
 }
 _L7_UNSUPPORTED = ("http", "kafka", "l7proto", "l7")
+# Cilium documents this (PortRule.rules: "If omitted or empty, no layer 7 rules are enforced"), so
+# it loads; but ``dns: []`` reads like "no names", hence the warning and the explicit spelling.
+_EMPTY_DNS = ('{what} enforces no DNS rule, so every name is allowed on these ports (as in Cilium: '
+              '"if omitted or empty, no layer 7 rules are enforced"); write dns: [{{matchPattern: "*"}}] '
+              'to allow every name, or list the names')
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -65,6 +76,19 @@ class Problem:
     def to_json(self) -> dict[str, Any]:
         return {"file": self.file, "document": self.document, "path": self.path,
                 "message": self.message, "text": str(self)}
+
+
+def _empty_peer_message(verb: str, has_ports: bool) -> str:
+    """Why ``toFQDNs: []`` (or any empty peer list) is refused: Cilium reads it as absent."""
+    if has_ports:
+        effect = f"{verb} every destination on these ports"
+    else:
+        effect = f"leave an empty rule that {'allows' if verb == 'allow' else 'denies'} nothing"
+    if verb == "allow" and has_ports:
+        fix = "list at least one selector, or remove the key for an L4-only rule"
+    else:
+        fix = "list at least one selector, or remove the rule"
+    return f"an empty list selects nothing; Cilium reads it as absent, which would {effect}; {fix}"
 
 
 def _key_path(path: str, key: str) -> str:
@@ -153,8 +177,21 @@ class Document:
         if not isinstance(raw, dict):
             self.error("metadata", "must be a mapping with at least a name")
             return "", None
+        for key in raw:
+            if key not in METADATA_KEYS:
+                close = difflib.get_close_matches(str(key), METADATA_KEYS, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                self.error(_key_path("metadata", str(key)), f"unknown field{hint}; allowed: "
+                           f"{', '.join(METADATA_KEYS)}")
+        for section in ("labels", "annotations"):
+            self.string_map(f"metadata.{section}", raw.get(section))
         name = raw.get("name")
-        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        if name is None:
+            self.error("metadata.name", "is required")
+            name = ""
+        elif self.string("metadata.name", name) is None:
+            name = ""
+        elif not _NAME_RE.fullmatch(name):
             self.error("metadata.name", f"{json.dumps(name)} is not a valid name; "
                        "lowercase letters, digits, - and . are allowed")
             name = ""
@@ -165,10 +202,25 @@ class Document:
             return name, None
         if namespace is None:
             return name, DEFAULT_NAMESPACE
-        if not isinstance(namespace, str) or not _NAME_RE.fullmatch(namespace):
+        if self.string("metadata.namespace", namespace) is None:
+            return name, DEFAULT_NAMESPACE
+        if not _NAME_RE.fullmatch(namespace):
             self.error("metadata.namespace", f"{json.dumps(namespace)} is not a valid namespace")
             return name, DEFAULT_NAMESPACE
         return name, namespace
+
+    def string_map(self, path: str, raw: Any) -> None:
+        """metadata.labels and .annotations: absent, null, or a mapping of strings to strings."""
+        if raw is None:
+            return
+        if not isinstance(raw, dict):
+            self.error(path, "must be a mapping of strings to strings")
+            return
+        for key, value in raw.items():
+            if not isinstance(key, str):
+                self.error(path, f"key {json.dumps(key, default=str)} is not a string; quote it")
+                continue
+            self.string(_key_path(path, key), value)
 
     def spec(self, kind: str, name: str, namespace: str | None, path: str, raw: Any) -> model.Policy | None:
         spec = self.mapping(path, raw, _SPEC_KEYS, _SPEC_UNSUPPORTED)
@@ -299,11 +351,15 @@ class Document:
 
     # -- rules ----------------------------------------------------------------------------------
 
-    def peers(self, path: str, rule: dict[str, Any]) -> dict[str, Any]:
+    def peers(self, path: str, rule: dict[str, Any], verb: str = "allow") -> dict[str, Any]:
         present = [p for p in _PEERS if p in rule]
         if len(present) > 1:
             self.error(path, f"{present[0]} and {present[1]} in one rule are not supported "
                        "(as in Cilium); write one rule for each")
+        for key in present:
+            # egressDeny already rejects toEndpoints and toEntities by name; say it once.
+            if rule[key] == [] and not (verb == "deny" and key in ("toEndpoints", "toEntities")):
+                self.error(f"{path}.{key}", _empty_peer_message(verb, "toPorts" in rule))
         result: dict[str, Any] = {}
         if "toEndpoints" in rule:
             selectors = []
@@ -432,13 +488,20 @@ class Document:
     def l7_rules(self, path: str, raw: Any, allowed: bool) -> tuple[model.FqdnSelector, ...] | None:
         rules = self.mapping(path, raw, ("dns",), {
             key: "fqdnproxy enforces DNS rules only" for key in _L7_UNSUPPORTED})
-        if rules is None or "dns" not in rules:
+        if rules is None:
+            return None
+        if "dns" not in rules:
+            if allowed and not rules:
+                self.warn(path, _EMPTY_DNS.format(what="an empty mapping"))
             return None
         if not allowed:
             self.error(f"{path}.dns", "rules.dns is not supported here: DNS servers are selected by "
                        "toEndpoints, toCIDR, toCIDRSet or toEntities, never by toFQDNs or in egressDeny")
             return None
         dns = rules["dns"] if rules["dns"] is not None else []
+        if dns == []:
+            what = "null" if rules["dns"] is None else "an empty list"
+            self.warn(f"{path}.dns", _EMPTY_DNS.format(what=what))
         return tuple(
             s for i, item in enumerate(self.items(f"{path}.dns", dns))
             if (s := self.fqdn_selector(f"{path}.dns[{i}]", item)) is not None
@@ -462,7 +525,7 @@ class Document:
         rule = self.mapping(path, raw, ("toCIDR", "toCIDRSet", "toFQDNs", "toPorts"), unsupported)
         if rule is None:
             return None
-        peers = self.peers(path, {k: v for k, v in rule.items() if k in _PEERS})
+        peers = self.peers(path, {k: v for k, v in rule.items() if k in _PEERS or k == "toPorts"}, "deny")
         if not any(k in rule for k in ("toCIDR", "toCIDRSet", "toFQDNs")):
             self.error(path, "an egressDeny rule needs toCIDR, toCIDRSet or toFQDNs")
         ports = model.ALL_PORTS

@@ -7,7 +7,8 @@ within the file and the field path, and says what is allowed::
     contains " "; only letters, digits and - _ . * are allowed
 
 Unsupported features are rejected by name: silently ignoring a rule of a firewall widens it.
-Ingress sections load with a warning, because fqdnproxy enforces egress only. This module reads
+Ingress sections load with a warning, because fqdnproxy enforces egress only. Paths that load no
+policy at all are an error too: an empty set would stop enforcement for every endpoint. This module reads
 files and drives ``document.Document``, which turns one YAML document into ``model`` objects.
 """
 
@@ -67,17 +68,22 @@ def policy_files(paths: Iterable[str | Path]) -> list[Path]:
 
 def check_paths(paths: Iterable[str | Path]) -> LoadReport:
     """Load every policy file under ``paths``, collecting (never raising) problems."""
+    paths = list(paths)
     texts: list[tuple[str, str | None, str]] = []
     for path in policy_files(paths):
         try:
             texts.append((str(path), path.read_text(encoding="utf-8"), ""))
         except (OSError, UnicodeDecodeError) as error:
             texts.append((str(path), None, f"cannot read: {error}"))
-    return check_texts(texts)
+    return check_texts(texts, where=", ".join(str(p) for p in paths))
 
 
-def check_texts(texts: Sequence[tuple[str, str | None, str]]) -> LoadReport:
-    """Like ``check_paths`` over (file label, text or None, read error) triples already read."""
+def check_texts(texts: Sequence[tuple[str, str | None, str]], where: str) -> LoadReport:
+    """Like ``check_paths`` over (file label, text or None, read error) triples already read.
+
+    ``where`` names the policy paths in the problem reported when nothing at all loads: an empty
+    policy set would leave every endpoint unenforced (say, a ``rm *; cp new/* .`` caught halfway).
+    """
     policies: list[model.Policy] = []
     errors: list[Problem] = []
     warnings: list[Problem] = []
@@ -98,7 +104,18 @@ def check_texts(texts: Sequence[tuple[str, str | None, str]]) -> LoadReport:
                                   f"{policy.kind} {policy.label} is already defined in "
                                   f"{first.file}: document {first.document}; names are unique"))
         seen[key] = policy
+    if not policies and not errors:
+        errors.append(Problem(where, None, "", _nothing_found(len(texts))))
     return LoadReport(tuple(policies), tuple(errors), tuple(warnings), tuple(t[0] for t in texts))
+
+
+def _nothing_found(files: int) -> str:
+    if not files:
+        found = f"no policy files ({', '.join('*' + s for s in POLICY_SUFFIXES)})"
+    else:
+        found = "1 file holds no policy document" if files == 1 else f"{files} files hold no policy document"
+    return (f"no policies found: {found}; an empty policy set would stop enforcement for every "
+            "endpoint")
 
 
 def load_paths(paths: Iterable[str | Path]) -> model.PolicySet:

@@ -151,7 +151,7 @@ class PolicyStore:
     def _build(self, texts: list[tuple[str, str | None, str]], digest: str, version: int) -> Snapshot:
         *policy_texts, (inventory_label, inventory_text, inventory_problem) = texts
         problems: list[str] = []
-        report = load.check_texts(policy_texts)
+        report = load.check_texts(policy_texts, where=", ".join(str(p) for p in self.policy_paths))
         problems.extend(str(p) for p in report.errors)
         registry = None
         if inventory_text is None:

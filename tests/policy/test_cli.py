@@ -55,7 +55,10 @@ def test_check_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_check_empty_directory_is_a_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["policy", "check", str(tmp_path)]) == 1
-    assert f"{tmp_path}: no policy files" in capsys.readouterr().out
+    assert capsys.readouterr().out.splitlines() == [
+        f"error: {tmp_path}: no policies found: no policy files (*.yaml, *.yml); an empty policy set would stop "
+        "enforcement for every endpoint",
+        "1 problems in 0 files, 0 policies"]
 
 
 def test_explain_table(capsys: pytest.CaptureFixture[str]) -> None:

@@ -226,6 +226,139 @@ def test_errors_name_file_document_and_path(text: str, messages: list[str]) -> N
     assert found == expected
 
 
+EMPTY_ALLOW_ON_PORTS = ("an empty list selects nothing; Cilium reads it as absent, which would allow every "
+                        "destination on these ports; list at least one selector, or remove the key for an "
+                        "L4-only rule")
+EMPTY_ALLOW = ("an empty list selects nothing; Cilium reads it as absent, which would leave an empty rule that "
+               "allows nothing; list at least one selector, or remove the rule")
+EMPTY_DENY_ON_PORTS = ("an empty list selects nothing; Cilium reads it as absent, which would deny every "
+                       "destination on these ports; list at least one selector, or remove the rule")
+EMPTY_DENY = ("an empty list selects nothing; Cilium reads it as absent, which would leave an empty rule that "
+              "denies nothing; list at least one selector, or remove the rule")
+PORT_443 = "\ntoPorts: [{ports: [{port: '443', protocol: TCP}]}]"
+
+
+def deny(body: str) -> str:
+    return HEAD + "spec:\n  endpointSelector: {}\n  egressDeny:\n  - " + body.replace("\n", "\n    ") + "\n"
+
+
+# An empty peer list is an error, never an L4-only rule: Cilium reads [] as absent, so
+# ``toFQDNs: []`` with toPorts would allow every destination on those ports.
+EMPTY_PEER_CASES = [
+    pytest.param(rule(f"{peer}: []" + PORT_443), [f"spec.egress[0].{peer}: {EMPTY_ALLOW_ON_PORTS}"], id=f"{peer}-ports")
+    for peer in ("toFQDNs", "toEndpoints", "toCIDR", "toCIDRSet", "toEntities")
+] + [
+    pytest.param(rule("toFQDNs: []"), [f"spec.egress[0].toFQDNs: {EMPTY_ALLOW}"], id="toFQDNs-no-ports"),
+    pytest.param(rule("toEndpoints: []\ntoPorts:\n- ports: [{port: '53'}]\n  rules: {dns: [{matchPattern: '*'}]}"),
+                 [f"spec.egress[0].toEndpoints: {EMPTY_ALLOW_ON_PORTS}"], id="toEndpoints-dns-rule"),
+    pytest.param(deny("toCIDR: []\ntoPorts: [{ports: [{port: '25'}]}]"),
+                 [f"spec.egressDeny[0].toCIDR: {EMPTY_DENY_ON_PORTS}"], id="deny-toCIDR-ports"),
+    pytest.param(deny("toCIDRSet: []"), [f"spec.egressDeny[0].toCIDRSet: {EMPTY_DENY}"], id="deny-toCIDRSet"),
+    pytest.param(deny("toFQDNs: []"), [f"spec.egressDeny[0].toFQDNs: {EMPTY_DENY}"], id="deny-toFQDNs"),
+    pytest.param(deny("toEndpoints: []"),  # named once, as unsupported
+                 ["spec.egressDeny[0].toEndpoints: toEndpoints is not supported: egressDeny supports toCIDR, "
+                  "toCIDRSet and toFQDNs",
+                  "spec.egressDeny[0]: an egressDeny rule needs toCIDR, toCIDRSet or toFQDNs"], id="deny-toEndpoints"),
+    pytest.param(rule("toFQDNs: []\ntoCIDR: []"),
+                 ["spec.egress[0]: toCIDR and toFQDNs in one rule are not supported (as in Cilium); write one rule "
+                  "for each",
+                  f"spec.egress[0].toCIDR: {EMPTY_ALLOW}",
+                  f"spec.egress[0].toFQDNs: {EMPTY_ALLOW}"], id="two-empty-peers"),
+]
+
+
+@pytest.mark.parametrize("text,messages", EMPTY_PEER_CASES)
+def test_empty_peer_list_is_an_error(text: str, messages: list[str]) -> None:
+    assert errors(text, "p.yaml") == [f"p.yaml: document 1: {m}" for m in messages]
+    assert load.parse_text("p.yaml", text).policies == ()
+
+
+META_KEYS = ("name, namespace, labels, annotations, generateName, uid, resourceVersion, generation, "
+             "creationTimestamp, deletionTimestamp, deletionGracePeriodSeconds, ownerReferences, finalizers, "
+             "managedFields, selfLink")
+SPEC = "spec:\n  endpointSelector: {}\n  egress: [{toFQDNs: [{matchName: a.example}]}]\n"
+CNP = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\n"
+
+# metadata: Kubernetes ObjectMeta fields only, so a typo cannot move a policy to another namespace.
+METADATA_CASES = [
+    pytest.param("metadata: {name: web, namespce: prod}",
+                 [f"metadata.namespce: unknown field (did you mean namespace?); allowed: {META_KEYS}"], id="typo"),
+    pytest.param("metadata: {name: web, namespace: prod, owner: me, 'a b': 1}",
+                 [f"metadata.owner: unknown field; allowed: {META_KEYS}",
+                  f'metadata["a b"]: unknown field; allowed: {META_KEYS}'], id="unknown"),
+    pytest.param("metadata: {namespace: prod}", ["metadata.name: is required"], id="no-name"),
+    pytest.param("metadata: {name: 123, namespace: 2024}",
+                 ["metadata.name: 123 is not a string; quote it",
+                  "metadata.namespace: 2024 is not a string; quote it"], id="not-strings"),
+    pytest.param("metadata: {name: web, namespace: Prod_1}",
+                 ['metadata.namespace: "Prod_1" is not a valid namespace'], id="bad-namespace"),
+    pytest.param("metadata: {name: web, labels: [app], annotations: team}",
+                 ["metadata.labels: must be a mapping of strings to strings",
+                  "metadata.annotations: must be a mapping of strings to strings"], id="not-maps"),
+    pytest.param("metadata: {name: web, labels: {app: web, version: 2, 3: x}, annotations: {a.io/b: null}}",
+                 ["metadata.labels.version: 2 is not a string; quote it",
+                  "metadata.labels: key 3 is not a string; quote it",
+                  'metadata.annotations["a.io/b"]: null is not a string; quote it'], id="not-string-values"),
+]
+
+
+@pytest.mark.parametrize("meta,messages", METADATA_CASES)
+def test_metadata_fields_are_checked(meta: str, messages: list[str]) -> None:
+    assert errors(CNP + meta + "\n" + SPEC, "p.yaml") == [f"p.yaml: document 1: {m}" for m in messages]
+
+
+def test_full_object_metadata_loads() -> None:
+    meta = """metadata:
+  name: web
+  namespace: prod
+  labels: {app: web, "app.kubernetes.io/managed-by": helm}
+  annotations: {"meta.helm.sh/release-name": web}
+  uid: 4c1f9a3e-0000-4000-8000-000000000000
+  resourceVersion: "12345"
+  generation: 3
+  creationTimestamp: "2024-01-01T00:00:00Z"
+  managedFields: [{manager: kubectl, operation: Apply}]
+  finalizers: []
+  ownerReferences: []
+"""
+    report = load.parse_text("p.yaml", CNP + meta + SPEC)
+    assert report.errors == () and [p.label for p in report.policies] == ["prod/web"]
+
+
+EMPTY_DNS = ('enforces no DNS rule, so every name is allowed on these ports (as in Cilium: "if omitted or '
+             'empty, no layer 7 rules are enforced"); write dns: [{matchPattern: "*"}] to allow every name, '
+             "or list the names")
+DNS_SERVER = "toEndpoints: [{matchLabels: {io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}}]\ntoPorts:\n- ports: [{port: '53'}]\n  "
+
+# Empty rules.dns is Cilium's documented "no layer 7 rules": it loads (every name allowed), with a warning.
+EMPTY_DNS_CASES = [
+    pytest.param("rules: {dns: []}", "empty rules.dns",
+                 [f"spec.egress[0].toPorts[0].rules.dns: an empty list {EMPTY_DNS}"], id="empty-list"),
+    pytest.param("rules: {dns: null}", "empty rules.dns",
+                 [f"spec.egress[0].toPorts[0].rules.dns: null {EMPTY_DNS}"], id="null"),
+    pytest.param("rules: {}", "no rules.dns",
+                 [f"spec.egress[0].toPorts[0].rules: an empty mapping {EMPTY_DNS}"], id="empty-rules"),
+    pytest.param("rules: {dns: [{matchPattern: '*'}]}", "", [], id="explicit-star"),
+]
+
+
+@pytest.mark.parametrize("rules,reason,warnings", EMPTY_DNS_CASES)
+def test_empty_dns_rules_load_with_a_warning(rules: str, reason: str, warnings: list[str]) -> None:
+    from tests.policy.conftest import compile_policies
+
+    text = rule(DNS_SERVER + rules)
+    report = load.parse_text("p.yaml", text)
+    assert report.errors == ()
+    assert [str(w) for w in report.warnings] == [f"p.yaml: document 1: {w}" for w in warnings]
+    compiled = compile_policies(text, "endpoints:\n- {namespace: shop, name: web, id: 1, ips: [192.0.2.1]}\n"
+                                "- {namespace: kube-system, name: kube-dns, kind: service, "
+                                "labels: {k8s-app: kube-dns}, ips: [192.0.2.53]}\n").for_id(1)
+    decision = compiled.decide("192.0.2.53", 53, "UDP", "anything.example.")  # type: ignore[union-attr]
+    assert decision.allowed
+    if reason:
+        assert decision.reason == f"allowed: {reason}, every name"
+
+
 def test_yaml_syntax_error_reports_line() -> None:
     [message] = errors(VALID + "---\nspec: [\n", "p.yaml")
     # the problem text is libyaml's or PyYAML's, whichever is installed
@@ -276,15 +409,48 @@ def test_unreadable_file_is_a_problem(tmp_path: Path) -> None:
 
 
 def test_inventory_beside_policies_is_checked_not_loaded(tmp_path: Path) -> None:
+    (tmp_path / "web.yaml").write_text(VALID)
     (tmp_path / "endpoints.yaml").write_text("endpoints:\n- {namespace: a, name: b, ips: [192.0.2.1]}\n")
     report = load.check_paths([tmp_path])
-    assert report.errors == () and report.policies == ()
+    assert report.errors == () and [p.label for p in report.policies] == ["shop/web"]
     assert [str(w) for w in report.warnings] == [
         f"{tmp_path / 'endpoints.yaml'}: an endpoint inventory, not policies: checked as one, loads no policy"]
     (tmp_path / "endpoints.yaml").write_text("endpoints:\n- {namespace: a, name: b, ips: [192.0.2.999]}\n")
     assert [str(e) for e in load.check_paths([tmp_path]).errors] == [
         f'{tmp_path / "endpoints.yaml"}: document 1: endpoints[0].ips[0]: "192.0.2.999" is not an IPv4 or IPv6 '
         "address"]
+
+
+EMPTY_SET = "an empty policy set would stop enforcement for every endpoint"
+
+# A directory that loads no policy at all is an error, at first load and on reload: it would
+# turn enforcement off for every endpoint.
+NO_POLICY_CASES = [
+    pytest.param({}, f"no policies found: no policy files (*.yaml, *.yml); {EMPTY_SET}", id="no-files"),
+    pytest.param({"notes.txt": "x", ".hidden.yaml": VALID},
+                 f"no policies found: no policy files (*.yaml, *.yml); {EMPTY_SET}", id="no-policy-files"),
+    pytest.param({"a.yaml": ""}, f"no policies found: 1 file holds no policy document; {EMPTY_SET}", id="empty-file"),
+    pytest.param({"a.yaml": "---\n# nothing yet\n---\n", "b.yml": "endpoints:\n- {namespace: a, name: b, "
+                  "ips: [192.0.2.1]}\n"},
+                 f"no policies found: 2 files hold no policy document; {EMPTY_SET}", id="comments-and-inventory"),
+]
+
+
+@pytest.mark.parametrize("files,message", NO_POLICY_CASES)
+def test_no_policies_found_is_an_error(tmp_path: Path, files: dict[str, str], message: str) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    report = load.check_paths([tmp_path])
+    assert [str(e) for e in report.errors] == [f"{tmp_path}: {message}"]
+    with pytest.raises(load.PolicyError, match="no policies found"):
+        load.load_paths([tmp_path])
+
+
+def test_no_policies_found_is_not_added_to_other_errors(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(rule("toServices: []"))
+    assert [str(e) for e in load.check_paths([tmp_path]).errors] == [
+        f"{tmp_path / 'a.yaml'}: document 1: spec.egress[0].toServices: toServices is not supported: name the "
+        "service's endpoints with toEndpoints or its addresses with toCIDR"]
 
 
 def test_cilium_fixtures_load(cilium_fixtures: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -119,3 +120,41 @@ def test_initial_load_failure_raises(tmp_path: Path) -> None:
     assert [p.split(":")[0] for p in error.value.problems] == [str(tmp_path / "missing"), str(tmp_path / "endpoints.yaml")]
     with pytest.raises(reload.ReloadError, match="not loaded"):
         store.current  # noqa: B018
+
+
+EMPTY_SET = "an empty policy set would stop enforcement for every endpoint"
+
+# A reload caught halfway through ``rm *; cp new/* .`` must not turn enforcement off.
+EMPTIED = [
+    pytest.param(lambda d: (d / "web.yaml").unlink(),
+                 f"no policies found: no policy files (*.yaml, *.yml); {EMPTY_SET}", id="files-removed"),
+    pytest.param(lambda d: write(d / "web.yaml", ""),
+                 f"no policies found: 1 file holds no policy document; {EMPTY_SET}", id="file-truncated"),
+    pytest.param(lambda d: write(d / "web.yaml", "# replaced soon\n---\n"),
+                 f"no policies found: 1 file holds no policy document; {EMPTY_SET}", id="comments-only"),
+]
+
+
+@pytest.mark.parametrize("empty,message", EMPTIED)
+def test_emptied_directory_is_rejected_and_old_version_keeps_serving(
+        store: reload.PolicyStore, empty: Callable[[Path], object], message: str) -> None:
+    old = store.current
+    policy_dir = store.policy_paths[0]
+    empty(policy_dir)
+    result = store.check_for_changes()
+    assert result.status == "rejected"
+    assert result.errors == (f"{policy_dir}: {message}",) and store.rejected == result.errors
+    assert store.current is old and store.current.engine.for_id(7).enforced  # type: ignore[union-attr]
+    write(policy_dir / "web.yaml", POLICY.replace('"443"', '"8443"'))  # the copy completes
+    assert store.check_for_changes().status == "reloaded" and store.rejected == ()
+    assert str(store.current.engine.for_id(7).select("a.demo.test.")) == "TCP/8443"  # type: ignore[union-attr]
+
+
+def test_initial_load_of_an_empty_directory_fails(tmp_path: Path) -> None:
+    (tmp_path / "policies").mkdir()
+    write(tmp_path / "endpoints.yaml", INVENTORY)
+    store = reload.PolicyStore(tmp_path / "policies", tmp_path / "endpoints.yaml")
+    with pytest.raises(reload.ReloadError) as error:
+        store.load()
+    assert error.value.problems == (
+        f"{tmp_path / 'policies'}: no policies found: no policy files (*.yaml, *.yml); {EMPTY_SET}",)
