@@ -71,8 +71,9 @@ def _up(name: str, ifname: str) -> None:
 
 
 @contextlib.contextmanager
-def topology() -> Iterator[Topology]:
-    """Build the namespaces, addresses, routes and world servers; tear all down on exit."""
+def topology(ports: tuple[int, ...] = PORTS) -> Iterator[Topology]:
+    """Build the namespaces, addresses, routes and world servers (echo servers on ``ports``);
+    tear all down on exit."""
     with netns.namespace() as node, netns.namespace() as world, \
             netns.namespace() as p1, netns.namespace() as p2:
         pods = (Pod(p1, "lxc1", "192.0.2.10", "2001:db8:1::10"),
@@ -108,7 +109,7 @@ def topology() -> Iterator[Topology]:
             ns.route("add", dst="2001:db8::/44", gateway="2001:db8:ff::fe", family=10)
         netns.run(node, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
         server = subprocess.Popen(
-            ["ip", "netns", "exec", world, sys.executable, PEER, "serve", *map(str, PORTS)],
+            ["ip", "netns", "exec", world, sys.executable, PEER, "serve", *map(str, ports)],
             stdout=subprocess.PIPE, text=True,
         )
         try:
