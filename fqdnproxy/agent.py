@@ -86,6 +86,7 @@ class Agent:
     admin: AdminServer | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _applied: Any = None  # datapath.policy_sync.DesiredState last written
+    _redirected: Any = None  # datapath.redirect.Redirect installed
     _interrupts: int = 0
 
     # --- start ----------------------------------------------------------------------------------
@@ -112,19 +113,31 @@ class Agent:
         self.upstream = upstream_mod.UpstreamClient(_upstream_settings(cfg), self.metrics)
         await self.upstream.start()
         servers = [config_mod.parse_address(text) for text in cfg.upstream.servers]
+        router: proxy_mod.Router = proxy_mod.RoundRobinUpstreams(servers)
+        own: set[tuple[str, int]] = set()  # filled once the listeners are bound
+        transparent = []
+        if cfg.dns.mode == "transparent":
+            router = proxy_mod.OriginalDestination(own, router)
+            transparent = [("127.0.0.1", cfg.dns.transparent_port),
+                           ("::1", cfg.dns.transparent_port)]
         handler = proxy_mod.Proxy(
-            self.upstream, proxy_mod.RoundRobinUpstreams(servers), sink, self.metrics,
+            self.upstream, router, sink, self.metrics,
             proxy_mod.ProxySettings(max_in_flight=cfg.dns.max_in_flight,
                                     deny_rcode=_deny_rcode(cfg)),
             decider=decider, learner=learner)
         listen = [config_mod.parse_address(text, allow_port_zero=True) for text in cfg.dns.listen]
         self.server = server_mod.DnsServer(listen, handler.handle, self.metrics,
-                                           _listener_limits(cfg), tcp=cfg.dns.tcp)
+                                           _listener_limits(cfg), tcp=cfg.dns.tcp,
+                                           transparent=transparent)
         try:
             await self.server.start()
         except OSError as error:
             await self.shutdown()
             raise StartupError(f"dns.listen: cannot bind: {error}") from None
+        own.update((ip, port) for protocol, ip, port in self.server.bound
+                   if "transparent" not in protocol)
+        if transparent:
+            await self._redirect()
         if cfg.metrics.listen:
             self._start_metrics_endpoint(cfg.metrics.listen)
         await self._start_admin()
@@ -152,7 +165,8 @@ class Agent:
 
     def _load_policies(self) -> PolicyStore:
         cfg = self.config.policy
-        store = PolicyStore(cfg.directory, cfg.endpoints)
+        store = PolicyStore(cfg.directory, cfg.endpoints,
+                            redirected_dns=self.config.dns.mode == "transparent")
         try:
             current = store.load()
         except FqdnproxyError as error:
@@ -201,6 +215,36 @@ class Agent:
             log.info("cache: %d map entries without a name kept as %r until they expire",
                      extra, RESTORED)
         self.learner.reevaluate()
+
+    async def _redirect(self) -> None:
+        """Install (or replace) the TPROXY rules for the enforced endpoints' interfaces."""
+        from fqdnproxy.datapath import redirect
+
+        current = self._store().current
+        interfaces = redirect.interfaces_of([
+            endpoint.interface for endpoint in current.registry.workloads()
+            if endpoint.interface and current.engine.for_endpoint(endpoint).enforced])
+        rules = redirect.Redirect(interfaces, self.config.dns.transparent_port)
+        if rules == self._redirected:
+            return
+        try:
+            await asyncio.to_thread(redirect.install, rules)
+        except FqdnproxyError as error:
+            raise StartupError(f"dns.mode transparent: {error}") from None
+        self._redirected = rules
+        log.info("redirecting DNS from %s to port %d", ", ".join(interfaces) or "no interface",
+                 rules.port)
+
+    async def _unredirect(self) -> None:
+        from fqdnproxy.datapath import redirect
+
+        if self._redirected is None:
+            return
+        try:
+            await asyncio.to_thread(redirect.remove)
+        except FqdnproxyError as error:
+            log.error("could not remove the DNS redirection: %s", error)
+        self._redirected = None
 
     def _dns_targets(self) -> list[tuple[str, int]]:
         """Where enforced endpoints may always send DNS: the proxy's listeners and the
@@ -298,6 +342,8 @@ class Agent:
             log.warning("policy: %s", warning)
         if self.datapath is not None:
             await self._sync_datapath()
+        if self._redirected is not None:
+            await self._redirect()
         if self.learner is not None:
             changed = self.learner.reevaluate()
             log.info("policies reloaded (version %d); %d cached entries re-evaluated",
@@ -353,6 +399,7 @@ class Agent:
 
     async def shutdown(self) -> None:
         """Stop listening, settle what is in flight, snapshot, flush the audit log."""
+        await self._unredirect()  # first: pods' DNS goes straight to their servers again
         if self.server is not None:
             await self.server.stop()
         for task in self.tasks:

@@ -46,6 +46,12 @@ class DnsConfig:
     listen: tuple[str, ...] = _opt(
         ["127.0.0.1:5353", "[::1]:5353"], "addresses the proxy listens on, UDP and TCP, IP:PORT"
     )
+    mode: Literal["explicit", "transparent"] = _opt(
+        "explicit", "explicit: clients send to dns.listen and queries go to upstream.servers; "
+        "transparent: also take the DNS of the inventory's enforced endpoints (any server, "
+        "port 53) through nftables TPROXY, forward it to the server asked and answer as it")
+    transparent_port: int = _opt(
+        15353, "local port (on 127.0.0.1 and ::1) that TPROXY hands redirected DNS to", "port")
     tcp: bool = _opt(True, "also listen on TCP (clients retry truncated answers over TCP)")
     max_in_flight: int = _opt(
         10_000, "queries being handled at once; past it new queries get SERVFAIL", "queries"
@@ -406,6 +412,11 @@ def _validate(config: AgentConfig, origin: str) -> None:
     if bool(config.policy.directory) != bool(config.policy.endpoints):
         raise ConfigError(f"{origin}: policy.directory and policy.endpoints go together: "
                           "policies select endpoints from the inventory")
+    if not 0 < config.dns.transparent_port < 65536:
+        raise ConfigError(f"{origin}: dns.transparent_port: must be 1..65535")
+    if config.dns.mode == "transparent" and not config.policy.directory:
+        raise ConfigError(f"{origin}: dns.mode transparent needs policy.directory and "
+                          "policy.endpoints: the inventory says whose DNS to redirect")
     if config.datapath.enabled and not config.policy.directory:
         raise ConfigError(f"{origin}: datapath.enabled needs policy.directory and "
                           "policy.endpoints: the datapath enforces the policies' endpoints")

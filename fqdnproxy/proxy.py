@@ -60,6 +60,20 @@ class RoundRobinUpstreams:
         return next(self._cycle)
 
 
+class OriginalDestination:
+    """Transparent mode: a redirected query goes to the server the client asked; a query sent to
+    one of the proxy's own listeners (explicit mode) goes to the configured upstreams."""
+
+    def __init__(self, own_addresses: set[tuple[str, int]], upstreams: Router) -> None:
+        self._own = own_addresses
+        self._upstreams = upstreams
+
+    def server_for(self, client: Client) -> Server:
+        if client.local in self._own:
+            return self._upstreams.server_for(client)
+        return client.local
+
+
 @dataclass(frozen=True, slots=True)
 class ProxySettings:
     max_in_flight: int = 10_000

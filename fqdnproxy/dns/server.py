@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from fqdnproxy.dns import transparent as transparent_mod
 from fqdnproxy.exchange import Client
 from fqdnproxy.observe.metrics import Metrics
 
@@ -116,7 +117,11 @@ class _TcpConnection(asyncio.Protocol):
             self._transport = None
             return
         peer = transport.get_extra_info("peername")
-        self._client = Client(peer[0], peer[1], "tcp", listener.local)
+        local = listener.local
+        if local is None:  # transparent: the connection's own address is the one the pod asked
+            sockname = transport.get_extra_info("sockname")
+            local = (sockname[0], sockname[1])
+        self._client = Client(peer[0], peer[1], "tcp", local)
         # Answers a client does not read pile up here at most up to this much, then the
         # connection stops being read (see pause_writing).
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
@@ -223,7 +228,7 @@ class _TcpConnection(asyncio.Protocol):
 
 
 class _TcpListener:
-    def __init__(self, handle: QueryHandler, tasks: TaskSet, local: tuple[str, int],
+    def __init__(self, handle: QueryHandler, tasks: TaskSet, local: tuple[str, int] | None,
                  limits: ListenerLimits, metrics: Metrics) -> None:
         self.handle = handle
         self.tasks = tasks
@@ -244,11 +249,13 @@ class _TcpListener:
 # --- the server -------------------------------------------------------------------------------
 
 
-def _bind(ip: str, port: int, kind: int) -> socket.socket:
+def _bind(ip: str, port: int, kind: int, transparent: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     sock = socket.socket(family, kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if transparent:
+            transparent_mod.make_transparent(sock, family)
         if family == socket.AF_INET6:
             # [::]:53 and 0.0.0.0:53 are separate listeners, as configured.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -284,8 +291,10 @@ class DnsServer:
     """The UDP and TCP listeners on every configured address."""
 
     def __init__(self, addresses: list[tuple[str, int]], handle: QueryHandler, metrics: Metrics,
-                 limits: ListenerLimits, tcp: bool = True) -> None:
+                 limits: ListenerLimits, tcp: bool = True,
+                 transparent: list[tuple[str, int]] | None = None) -> None:
         self._addresses = addresses
+        self._transparent = transparent or []  # TPROXY targets (see dns/transparent.py)
         self._handle = handle
         self._metrics = metrics
         self._limits = limits
@@ -318,8 +327,27 @@ class DnsServer:
                 self._closers.append(server.close)
                 self._tcp_listeners.append(listener)
                 self.bound.append(("tcp", ip, port))
+        for ip, port in self._transparent:
+            await self._start_transparent(ip, port)
         if self._tcp_listeners:
             self._timer_task = loop.create_task(self._check_timers_forever())
+
+    async def _start_transparent(self, ip: str, port: int) -> None:
+        """UDP and TCP listeners for queries TPROXY redirects to ``ip``:``port``."""
+        udp = transparent_mod.TransparentUdpListener(
+            transparent_mod.bind_udp(ip, port), self._handle, self.tasks, self._metrics)
+        udp.start()
+        self._closers.append(udp.close)
+        self.bound.append(("udp-transparent", ip, port))
+        tcp_sock = _bind(ip, port, socket.SOCK_STREAM, transparent=True)
+        # An accepted connection's local address is the original destination: the listener
+        # reads it per connection instead of using its own address.
+        listener = _TcpListener(self._handle, self.tasks, None, self._limits, self._metrics)
+        server = await asyncio.get_running_loop().create_server(
+            listener.protocol, sock=tcp_sock, backlog=1024)
+        self._closers.append(server.close)
+        self._tcp_listeners.append(listener)
+        self.bound.append(("tcp-transparent", ip, port))
 
     async def _check_timers_forever(self) -> None:
         tick = min(self._limits.tcp_idle_timeout, self._limits.tcp_message_timeout) / 4

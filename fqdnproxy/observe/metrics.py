@@ -57,7 +57,8 @@ class Metrics:
             ["rcode"], registry=r)
         self.malformed = Counter(
             "fqdnproxy_malformed_queries", "Client messages that could not be read, by outcome "
-            "(formerr: answered FORMERR; dropped: not even a header)", ["outcome"], registry=r)
+            "(formerr: answered FORMERR; dropped: not even a header; no_original_destination: "
+            "a redirected datagram without its original address)", ["outcome"], registry=r)
         self.overload = Counter(
             "fqdnproxy_overload_rejections", "Queries answered SERVFAIL because the in-flight "
             "cap was reached", registry=r)
@@ -81,6 +82,9 @@ class Metrics:
         self.upstream_rotations = Counter(
             "fqdnproxy_upstream_socket_rotations", "Upstream UDP sockets replaced by a socket "
             "on a new random port", registry=r)
+        self.reply_failures = Counter(
+            "fqdnproxy_transparent_reply_failures", "Answers to redirected UDP queries that "
+            "could not be sent from the original server address", registry=r)
         self.tcp_connections = Gauge(
             "fqdnproxy_tcp_connections", "Open client TCP connections", registry=r)
         self.tcp_closed = Counter(
