@@ -41,6 +41,7 @@ from typing import Any
 from fqdnproxy import config as config_mod
 from fqdnproxy import exchange
 from fqdnproxy import proxy as proxy_mod
+from fqdnproxy import ratelimit
 from fqdnproxy.admin import commands as admin_commands
 from fqdnproxy.admin.server import AdminServer
 from fqdnproxy.config import AgentConfig
@@ -123,7 +124,7 @@ class Agent:
         handler = proxy_mod.Proxy(
             self.upstream, router, sink, self.metrics,
             proxy_mod.ProxySettings(max_in_flight=cfg.dns.max_in_flight,
-                                    deny_rcode=_deny_rcode(cfg)),
+                                    deny_rcode=_deny_rcode(cfg), rate_limit=_rate_limit(cfg)),
             decider=decider, learner=learner)
         listen = [config_mod.parse_address(text, allow_port_zero=True) for text in cfg.dns.listen]
         self.server = server_mod.DnsServer(listen, handler.handle, self.metrics,
@@ -473,6 +474,12 @@ class _TimedWriter:
 
     def delete_allows(self, keys: Any) -> int:
         return self._writer.delete_allows(keys)
+
+
+def _rate_limit(cfg: AgentConfig) -> ratelimit.RateLimit | None:
+    if not cfg.dns.rate_limit_qps:
+        return None
+    return ratelimit.RateLimit(cfg.dns.rate_limit_qps, cfg.dns.rate_limit_burst)
 
 
 def _deny_rcode(cfg: AgentConfig) -> wire.Rcode:

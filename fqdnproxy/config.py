@@ -56,6 +56,11 @@ class DnsConfig:
     max_in_flight: int = _opt(
         10_000, "queries being handled at once; past it new queries get SERVFAIL", "queries"
     )
+    rate_limit_qps: float = _opt(
+        1_000.0, "queries per second one client address may send; past it REFUSED (0: no "
+        "limit). Keeps one noisy pod from starving the others", "queries/s")
+    rate_limit_burst: float = _opt(
+        2_000.0, "queries a quiet client may send at once before the rate applies", "queries")
     tcp_max_connections: int = _opt(
         1_000, "open client TCP connections; past it new ones are closed", "connections"
     )
@@ -412,6 +417,9 @@ def _validate(config: AgentConfig, origin: str) -> None:
     if bool(config.policy.directory) != bool(config.policy.endpoints):
         raise ConfigError(f"{origin}: policy.directory and policy.endpoints go together: "
                           "policies select endpoints from the inventory")
+    if config.dns.rate_limit_qps < 0 or config.dns.rate_limit_burst < 1:
+        raise ConfigError(f"{origin}: dns.rate_limit_qps must be 0 or more and "
+                          "dns.rate_limit_burst at least 1")
     if not 0 < config.dns.transparent_port < 65536:
         raise ConfigError(f"{origin}: dns.transparent_port: must be 1..65535")
     if config.dns.mode == "transparent" and not config.policy.directory:

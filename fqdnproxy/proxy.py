@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from fqdnproxy import ratelimit
 from fqdnproxy.dns import upstream as upstream_mod
 from fqdnproxy.dns import wire
 from fqdnproxy.exchange import (
@@ -78,6 +79,7 @@ class OriginalDestination:
 class ProxySettings:
     max_in_flight: int = 10_000
     deny_rcode: wire.Rcode = wire.Rcode.REFUSED
+    rate_limit: ratelimit.RateLimit | None = None  # None: no per-client limit
 
 
 class Proxy:
@@ -94,6 +96,8 @@ class Proxy:
         self._decider: Decider = decider or AllowAll()
         self._learner: Learner = learner or NoLearning()
         self._in_flight = 0
+        self._buckets = (ratelimit.TokenBuckets(settings.rate_limit)
+                         if settings.rate_limit is not None else None)
         # Read at scrape time: no gauge update on every query.
         metrics.in_flight.set_function(lambda: self._in_flight)
 
@@ -115,6 +119,8 @@ class Proxy:
         query = self._read(data, client)
         if query is None:
             return self._malformed_reply(data)
+        if self._buckets is not None and not self._buckets.allow(client.ip, received):
+            return self._rate_limited(Exchange(client, data, query, received))
         if self._in_flight >= self._settings.max_in_flight:
             self._metrics.overload.inc()
             return self._fail(Exchange(client, data, query, received), wire.Rcode.SERVFAIL,
@@ -138,6 +144,17 @@ class Proxy:
                               wire.Rcode.SERVFAIL, "error", f"internal error: {error}")
         finally:
             self._in_flight -= 1
+
+    def _rate_limited(self, exchange: Exchange) -> bytes:
+        """REFUSED for a client over its rate; one audit record per client and second."""
+        self._count(exchange, "rate-limited", wire.Rcode.REFUSED)
+        assert self._buckets is not None
+        if self._buckets.report(exchange.client.ip, exchange.received):
+            self._audit.emit(self._record(exchange, "query", "rate-limited",
+                                          "over the per-client query rate (more refused this "
+                                          "second are counted, not logged)",
+                                          wire.Rcode.REFUSED, None, None))
+        return wire.build_reply(exchange.query, exchange.data, wire.Rcode.REFUSED)
 
     async def _resolve(self, exchange: Exchange) -> bytes | None:
         decision = exchange.decision

@@ -424,3 +424,23 @@ async def test_server_pools_stay_bounded_and_leak_no_sockets() -> None:
         for upstream in upstreams:
             await upstream.stop()
     assert metrics.registry.get_sample_value("fqdnproxy_upstream_sockets") == 0
+
+
+async def test_a_noisy_client_is_rate_limited_and_a_quiet_one_is_not() -> None:
+    from fqdnproxy import ratelimit
+
+    rig = await make_rig()
+    rig.proxy._buckets = ratelimit.TokenBuckets(ratelimit.RateLimit(rate=5, burst=10))
+    try:
+        noisy = await asyncio.gather(*(udp_query(rig.v4, question("noisy.test", qid=i),
+                                                 source="127.0.0.5") for i in range(40)))
+        refused = [a for a in noisy if a is not None and a.header.rcode == 5]
+        assert 25 <= len(refused) <= 30  # a burst of 10 (plus what refills meanwhile) passed
+        quiet = await udp_query(rig.v4, question("quiet.test"), source="127.0.0.6")
+        assert quiet is not None and quiet.header.rcode == 0
+        limited = [r for r in rig.audit.records if r.verdict == "rate-limited"]
+        assert len(limited) <= 2  # audited once per client and second, the rest counted
+        assert rig.metric("fqdnproxy_queries_total", verdict="rate-limited", qtype="A",
+                          protocol="udp") == len(refused)
+    finally:
+        await close_rig(rig)
