@@ -287,6 +287,34 @@ def _bind_pair(ip: str, port: int, tcp: bool) -> tuple[socket.socket, socket.soc
     raise AssertionError("unreachable")
 
 
+@dataclass(frozen=True)
+class ListenerSocket:
+    """One bound listening socket, as handed to a successor on a restart (see handover.py)."""
+
+    kind: str  # "udp", "tcp", "udp-transparent", "tcp-transparent"
+    ip: str
+    port: int
+    sock: socket.socket
+
+    def serves(self, kind: str, ip: str, port: int) -> bool:
+        """Whether this socket can stand for a configured ``kind`` listener on ``ip``:``port``
+        (port 0 accepts whatever port the predecessor was given)."""
+        return self.kind == kind and self.ip == ip and port in (0, self.port)
+
+
+RECEIVE_BUFFER = 4 * 1024 * 1024  # bytes; absorbs bursts and a restart's handover pause
+
+
+def _grow_receive_buffer(sock: socket.socket) -> None:
+    """Raise a UDP listener's receive buffer (past rmem_max as root), best effort."""
+    for option in (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, RECEIVE_BUFFER)
+            return
+        except OSError:
+            continue
+
+
 class DnsServer:
     """The UDP and TCP listeners on every configured address."""
 
@@ -301,25 +329,36 @@ class DnsServer:
         self._tcp = tcp
         self.tasks = TaskSet()
         self.bound: list[tuple[str, str, int]] = []  # (protocol, ip, port) actually bound
+        self.sockets: list[ListenerSocket] = []  # what a successor agent takes over
+        self._inherited: list[ListenerSocket] = []
         self._closers: list[Callable[[], Any]] = []
         self._tcp_listeners: list[_TcpListener] = []
         self._timer_task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        """Bind every listener.
+    async def start(self, inherited: list[ListenerSocket] | None = None) -> None:
+        """Bind every listener, or take it from ``inherited`` (a predecessor's sockets).
 
         Raises:
             OSError: an address could not be bound (in use, not local, no permission).
         """
         loop = asyncio.get_running_loop()
+        self._inherited = list(inherited or [])
         for ip, port in self._addresses:
-            udp_sock, tcp_sock = _bind_pair(ip, port, self._tcp)
+            udp_sock = self._take("udp", ip, port)
+            tcp_sock = self._take("tcp", ip, port) if self._tcp else None
+            if udp_sock is None or (self._tcp and tcp_sock is None):
+                for sock in (udp_sock, tcp_sock):
+                    if sock is not None:
+                        sock.close()
+                udp_sock, tcp_sock = _bind_pair(ip, port, self._tcp)
+            _grow_receive_buffer(udp_sock)
             port = udp_sock.getsockname()[1]
             local = (ip, port)
             transport, _ = await loop.create_datagram_endpoint(
                 lambda local=local: _UdpListener(self._handle, self.tasks, local), sock=udp_sock)
             self._closers.append(transport.close)
             self.bound.append(("udp", ip, port))
+            self.sockets.append(ListenerSocket("udp", ip, port, udp_sock))
             if tcp_sock is not None:
                 listener = _TcpListener(self._handle, self.tasks, local, self._limits,
                                         self._metrics)
@@ -327,19 +366,27 @@ class DnsServer:
                 self._closers.append(server.close)
                 self._tcp_listeners.append(listener)
                 self.bound.append(("tcp", ip, port))
+                self.sockets.append(ListenerSocket("tcp", ip, port, tcp_sock))
         for ip, port in self._transparent:
             await self._start_transparent(ip, port)
+        for leftover in self._inherited:  # listeners the configuration no longer has
+            leftover.sock.close()
+        self._inherited = []
         if self._tcp_listeners:
             self._timer_task = loop.create_task(self._check_timers_forever())
 
     async def _start_transparent(self, ip: str, port: int) -> None:
         """UDP and TCP listeners for queries TPROXY redirects to ``ip``:``port``."""
-        udp = transparent_mod.TransparentUdpListener(
-            transparent_mod.bind_udp(ip, port), self._handle, self.tasks, self._metrics)
+        udp_sock = self._take("udp-transparent", ip, port) or transparent_mod.bind_udp(ip, port)
+        _grow_receive_buffer(udp_sock)
+        udp = transparent_mod.TransparentUdpListener(udp_sock, self._handle, self.tasks,
+                                                     self._metrics)
         udp.start()
         self._closers.append(udp.close)
         self.bound.append(("udp-transparent", ip, port))
-        tcp_sock = _bind(ip, port, socket.SOCK_STREAM, transparent=True)
+        self.sockets.append(ListenerSocket("udp-transparent", ip, port, udp_sock))
+        tcp_sock = (self._take("tcp-transparent", ip, port)
+                    or _bind(ip, port, socket.SOCK_STREAM, transparent=True))
         # An accepted connection's local address is the original destination: the listener
         # reads it per connection instead of using its own address.
         listener = _TcpListener(self._handle, self.tasks, None, self._limits, self._metrics)
@@ -348,6 +395,31 @@ class DnsServer:
         self._closers.append(server.close)
         self._tcp_listeners.append(listener)
         self.bound.append(("tcp-transparent", ip, port))
+        self.sockets.append(ListenerSocket("tcp-transparent", ip, port, tcp_sock))
+
+    def _take(self, kind: str, ip: str, port: int) -> socket.socket | None:
+        """The inherited socket for this listener, if the predecessor had one."""
+        for index, candidate in enumerate(self._inherited):
+            if candidate.serves(kind, ip, port):
+                del self._inherited[index]
+                candidate.sock.setblocking(False)
+                return candidate.sock
+        return None
+
+    def stop_listening(self) -> None:
+        """Close this process's listening sockets (a successor holds its own copies); the
+        queries in flight and the client TCP connections carry on."""
+        if self._timer_task is not None:
+            self._timer_task.cancel()
+            self._timer_task = None
+        for close in self._closers:
+            close()
+        self._closers = []
+
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the queries in flight to finish."""
+        if self.tasks.tasks:
+            await asyncio.wait(list(self.tasks.tasks), timeout=timeout)
 
     async def _check_timers_forever(self) -> None:
         tick = min(self._limits.tcp_idle_timeout, self._limits.tcp_message_timeout) / 4
