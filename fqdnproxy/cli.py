@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_commands(commands)
     _add_map_commands(commands)
     _add_cache_commands(commands)
+    _add_lab_commands(commands)
     return parser
 
 
@@ -165,6 +166,65 @@ def _map_dump(args: argparse.Namespace) -> int:
 
     with pinned.PinnedMaps.open(args.pin_dir) as maps:
         print(dump.render(maps.dump(), allowmap.kernel_now_ns(), args.output))
+    return ExitCode.OK
+
+
+def _add_lab_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``fqdnproxy lab up|down|status``: the network-namespace sandbox (fqdnproxy/lab/)."""
+    from pathlib import Path
+
+    lab_parser = commands.add_parser("lab", help="the network-namespace lab: pods, node, world")
+    verbs = lab_parser.add_subparsers(title="lab commands", metavar="VERB")
+    lab_parser.set_defaults(handler=lambda _args: lab_parser.print_help() or ExitCode.USAGE)
+    state = {"default": Path("/run/fqdnproxy-lab"), "type": Path, "metavar": "DIR",
+             "help": "where the lab records its processes, logs and bpffs"}
+
+    up = verbs.add_parser("up", help="build the lab and start knot, echo servers and the agent")
+    up.add_argument("--inventory", type=Path, metavar="FILE",
+                    help="endpoint inventory: one pod namespace per workload "
+                         "(default policies/endpoints.demo.yaml)")
+    up.add_argument("--policies", type=Path, metavar="PATH",
+                    help="the agent's policies (default policies/demo.yaml)")
+    up.add_argument("--dns-mode", choices=("transparent", "explicit"),
+                    help="how pods' DNS reaches the proxy (default: transparent when available)")
+    up.add_argument("--cache-min-ttl", type=int, default=2, metavar="SECONDS",
+                    help="the agent's cache.min_ttl (default 2: short TTLs show in the lab)")
+    up.add_argument("--state-dir", **state)
+    up.set_defaults(handler=_lab_up)
+
+    down = verbs.add_parser("down", help="remove everything the lab made (also after a crash)")
+    down.add_argument("--state-dir", **state)
+    down.set_defaults(handler=_lab_down)
+
+    status = verbs.add_parser("status", help="what of the lab exists; exit 1 unless it is all up")
+    status.add_argument("--state-dir", **state)
+    status.set_defaults(handler=_lab_status)
+
+
+def _lab_up(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from fqdnproxy.lab import lab
+
+    settings = lab.LabSettings(state_dir=args.state_dir, min_ttl=args.cache_min_ttl)
+    for name in ("inventory", "policies", "dns_mode"):
+        if getattr(args, name) is not None:
+            settings = dataclasses.replace(settings, **{name: getattr(args, name)})
+    try:
+        lab.up(settings)
+    except FqdnproxyError as error:
+        print(f"fqdnproxy: lab up failed (everything it made is removed): {error}",
+              file=sys.stderr)
+        return ExitCode.STARTUP_FAILURE
+    print("\n".join(lab.status(args.state_dir).lines))
+    return ExitCode.OK
+
+
+def _lab_down(args: argparse.Namespace) -> int:
+    from fqdnproxy.lab import lab
+
+    if not lab.down(args.state_dir):
+        print("lab: nothing to remove")
     return ExitCode.OK
 
 

@@ -1,9 +1,10 @@
-"""``make demo``: fqdnproxy in explicit mode in front of a real knot server, on loopback.
+"""``make demo``: the whole product in network namespaces, one scripted scenario, then cleanup.
 
-It starts knot with the demo zone, starts ``fqdnproxy run`` forwarding to it, asks a scripted
-set of questions through the proxy, and prints what each got next to what was expected, then the
-audit records the proxy wrote. Everything runs on 127.0.0.1 and is stopped at the end.
-(The full sandbox demo with pods, policies and the datapath replaces this when the lab lands.)
+It builds the lab (``fqdnproxy lab up``: pods frontend and backend, a node running the agent with
+policies/demo.yaml and the eBPF datapath, a world with knot and echo servers), plays the
+scenario (scenario.py) over IPv4 and IPv6, prints each step's expected and actual outcome and
+the audit records that match it, and tears the lab down. ``--keep`` leaves it up and prints
+commands to try by hand. Exits 1 if any step did not go as expected.
 """
 
 from __future__ import annotations
@@ -11,123 +12,147 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-from dataclasses import dataclass
+import time
 from pathlib import Path
+from typing import Any
 
-import dnslib
+from fqdnproxy.errors import FqdnproxyError
+from fqdnproxy.lab import lab as lab_mod
+from fqdnproxy.lab import scenario, topology
 
-from fqdnproxy.lab import knot
-from fqdnproxy.lab.agent_process import AgentProcess
-
-
-@dataclass(frozen=True)
-class Step:
-    """One scripted question and what the demo zone says it must get."""
-
-    name: str
-    qtype: str
-    protocol: str
-    expected_rcode: str
-    expected: tuple[str, ...]
-    what: str
+AUDIT_WAIT = 3.0  # seconds for the agent's writer thread to flush the last records
 
 
-STEPS = (
-    Step("api.demo.test", "A", "udp", "NOERROR", ("203.0.113.10",), "a plain name"),
-    Step("api.demo.test", "AAAA", "udp", "NOERROR", ("2001:db8::10",), "IPv6 address"),
-    Step("www.demo.test", "A", "udp", "NOERROR",
-         ("web.demo.test.", "api.demo.test.", "203.0.113.10"), "a CNAME chain"),
-    Step("many.demo.test", "A", "tcp", "NOERROR",
-         tuple(f"203.0.113.{i}" for i in range(100, 120)), "20 addresses over TCP"),
-    Step("absent.demo.test", "A", "udp", "NXDOMAIN", (), "a name that does not exist"),
-)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    step: Step
-    rcode: str
-    answers: tuple[str, ...]
-
-    @property
-    def ok(self) -> bool:
-        return (self.rcode == self.step.expected_rcode
-                and sorted(self.answers) == sorted(self.step.expected))
-
-
-def ask(address: tuple[str, int], step: Step) -> Outcome:
-    """Send one step's question to the proxy and read the answer."""
-    query = dnslib.DNSRecord.question(step.name, step.qtype)
-    raw = query.send(address[0], address[1], tcp=step.protocol == "tcp", timeout=3)
-    reply = dnslib.DNSRecord.parse(raw)
-    answers = tuple(str(rr.rdata) for rr in reply.rr)
-    return Outcome(step, dnslib.RCODE.get(reply.header.rcode), answers)
-
-
-def _short(values: tuple[str, ...], limit: int = 3) -> str:
-    if not values:
-        return "-"
-    shown = ", ".join(values[:limit])
-    return shown + (f" (+{len(values) - limit} more)" if len(values) > limit else "")
-
-
-def print_table(outcomes: list[Outcome]) -> None:
-    header = f"{'#':>2}  {'query':<24} {'proto':<5} {'expected':<32} {'got':<32} ok"
+def print_table(results: list[scenario.Result]) -> None:
+    """Each step: family, pod, action, expected, actual, ok."""
+    header = (f"{'#':>3}  {'IP':<4} {'pod':<9} {'step':<45} {'expected':<24} {'actual':<24} ok")
     print(header)
     print("-" * len(header))
-    for index, outcome in enumerate(outcomes, 1):
-        step = outcome.step
-        expected = f"{step.expected_rcode} {_short(step.expected, 1)}"
-        got = f"{outcome.rcode} {_short(outcome.answers, 1)}"
-        print(f"{index:>2}  {step.name + ' ' + step.qtype:<24} {step.protocol:<5} "
-              f"{expected:<32.32} {got:<32.32} {'yes' if outcome.ok else 'NO'}")
+    for result in results:
+        actual = result.actual + (f" ({result.drops})" if result.drops else "")
+        print(f"{result.number:>3}  v{result.family:<3} {result.pod:<9} {result.action:<45.45} "
+              f"{result.expected:<24.24} {actual:<24.24} {'yes' if result.ok else 'NO'}")
 
 
-def print_audit(path: Path) -> None:
-    print(f"\nAudit log ({path}), one JSON object per exchange; the first record in full:")
-    lines = path.read_text().splitlines() if path.exists() else []
-    if lines:
-        print(json.dumps(json.loads(lines[0]), indent=2))
-    print("\nAll records, abridged:")
-    for line in lines:
-        record = json.loads(line)
-        query = record["query"]
-        print(f"  {record['time']}  {record['type']:<6} {record['protocol']}  "
-              f"{query['name']:<20} {query['type']:<5} {record['verdict']:<8} "
-              f"{record['rcode'] or '-':<9} {len(record['answers'])} answers "
-              f"{record['latency_ms']} ms")
+def _abridged(record: dict[str, Any]) -> str:
+    if record.get("type") == "drop":
+        destination = record["destination"]
+        return (f"drop    {record['protocol']} -> {destination['ip']}:{destination['port']} "
+                f"{record['verdict']} ({record['reason']})")
+    query = record["query"]
+    allowed = ", ".join(f"{a['ip']} {a['ports']} until {a['expires'][11:19]}"
+                        for a in record.get("allowed", ()))
+    answers = ", ".join(a["data"] for a in record.get("answers", ()))
+    text = (f"{record['type']:<7} {record['protocol']} {query['name']} {query['type']} -> "
+            f"{record['server']['ip'] if record.get('server') else '-'}: {record['verdict']}, "
+            f"{record['rcode'] or 'no answer'}")
+    if answers:
+        text += f" [{answers}]"
+    if allowed:
+        text += f"; map: {allowed}"
+    return text + f"\n{'':>14}reason: {record['reason']}"
 
 
-def run_demo(workdir: Path) -> bool:
-    """Run every step; True if each got what it expected."""
-    port = knot.free_port(("127.0.0.1",))
-    audit = workdir / "audit.jsonl"
-    print(f"Starting knot (demo.test zone) on 127.0.0.1:{port} ...")
-    with knot.KnotServer(listen=[("127.0.0.1", port)], workers=1):
-        agent = AgentProcess(["--dns-listen", "127.0.0.1:0", "--upstream-servers",
-                              f"127.0.0.1:{port}", "--audit-path", str(audit),
-                              "--metrics-listen", "", "--state-admin-socket", ""])
-        with agent:
-            address = agent.address("udp", "127.0.0.1")
-            print(f"fqdnproxy (explicit mode) listening on {address[0]}:{address[1]}, "
-                  f"forwarding to knot\n")
-            outcomes = [ask(address, step) for step in STEPS]
-        print_table(outcomes)
-        print("\nAgent log:")
-        for line in agent.log:
-            print(f"  {line}")
-        print_audit(audit)
-    ok = all(outcome.ok for outcome in outcomes)
-    print("\nDemo " + ("passed: every answer was as expected." if ok else "FAILED: see above."))
+def read_audit(path: Path, results: list[scenario.Result]) -> list[dict[str, Any]]:
+    """The audit log's records, once every lookup of ``results`` has its record (or after
+    AUDIT_WAIT: records are written by a thread)."""
+    deadline = time.monotonic() + AUDIT_WAIT
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        records = [json.loads(line) for line in lines if line.strip()]
+        lookups = [r for r in results if r.query is not None]
+        if all(scenario.records_for(r, records) for r in lookups) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
+def print_audit(path: Path, results: list[scenario.Result], records: list[dict[str, Any]]) -> None:
+    """Per step, the audit records that match it; the first one in full."""
+    print(f"\nAudit records ({path}) matching each step; the first in full:")
+    first = next((found[0] for r in results if (found := scenario.records_for(r, records))), None)
+    if first is not None:
+        print(json.dumps(first, indent=2))
+    for result in results:
+        found = scenario.records_for(result, records)
+        if not found and result.query is None:
+            continue  # connections: drop records appear when the agent writes them
+        where = f"v{result.family} #{result.number:<3}"
+        for record in found or [None]:
+            who = f"{result.pod} {result.source_ip}"
+            print(f"  {where} {who:<27} " + (_abridged(record) if record else "NO RECORD"))
+
+
+def print_try_by_hand(lab: lab_mod.Lab) -> None:
+    """Commands to explore the running lab."""
+    fe, be = lab.plan.pod("frontend"), lab.plan.pod("backend")
+    cli = f"{sys.prefix}/bin/fqdnproxy"
+    print(f"""
+The lab is up ({lab.dns_mode} DNS). Try, as root:
+  ip netns exec {fe.namespace} dig api.demo.test                 # allowed: 203.0.113.10
+  ip netns exec {fe.namespace} dig blocked.demo.test             # REFUSED (egressDeny)
+  ip netns exec {be.namespace} dig www.demo.test                 # REFUSED (no rule allows)
+  ip netns exec {fe.namespace} dig @2001:db8:100::53 www.demo.test AAAA   # a CNAME chain, IPv6
+  ip netns exec {fe.namespace} curl -m 2 -sv telnet://203.0.113.10:443 </dev/null   # connects
+  ip netns exec {fe.namespace} curl -m 2 -sv telnet://{topology.UNRESOLVED[0]}:443 </dev/null   # dropped
+  {cli} cache list --socket {lab.admin_socket}
+  {cli} map dump --pin-dir {lab.pin_dir}
+  tail -f {lab.audit_path}
+  ip netns exec {topology.NODE} curl -s http://{lab_mod.METRICS}/metrics | grep ^fqdnproxy_
+  {cli} lab status
+  {cli} lab down                                     # removes everything""")
+
+
+def run_demo(settings: lab_mod.LabSettings, families: tuple[int, ...], keep: bool) -> bool:
+    """Build the lab, play the scenario, print it; True if every step was as expected."""
+    if lab_mod.status(settings.state_dir).lines[0] != "lab: down (nothing found)":
+        print("Removing the lab left from an earlier run ...")
+        lab_mod.down(settings.state_dir, say=lambda _text: None)
+    print(f"Building the lab in network namespaces (state in {settings.state_dir}) ...")
+    lab = lab_mod.up(settings, say=lambda text: print(f"  {text}"))
+    try:
+        print(f"  policies {lab.policies}, inventory {lab.inventory}\n")
+        results: list[scenario.Result] = []
+        for family in families:
+            print(f"Scenario over IPv{family} (DNS asked at {lab.plan.dns_server(family)}) ...")
+            results += scenario.run(lab, family, say=print)
+            failed = sum(not result.ok for result in results if result.family == family)
+            print(f"  {failed} of the IPv{family} steps did not go as expected" if failed else
+                  f"  every IPv{family} step went as expected")
+        print()
+        print_table(results)
+        print_audit(lab.audit_path, results, read_audit(lab.audit_path, results))
+    finally:
+        if keep:
+            print_try_by_hand(lab)
+        else:
+            print("\nTearing the lab down ...")
+            lab_mod.down(settings.state_dir, say=lambda _text: None)
+    ok = all(result.ok for result in results)
+    print("\nDemo " + ("passed: every step went as expected." if ok else
+                       "FAILED: the steps marked NO did not go as expected."))
     return ok
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fqdnproxy.lab.demo", description=__doc__)
-    parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="fqdnproxy-demo-") as workdir:
-        return 0 if run_demo(Path(workdir)) else 1
+    parser = argparse.ArgumentParser(prog="python -m fqdnproxy.lab.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep", action="store_true",
+                        help="leave the lab up and print commands to try by hand")
+    parser.add_argument("--family", choices=("4", "6", "both"), default="both",
+                        help="IP family of the scenario (default both)")
+    parser.add_argument("--dns-mode", choices=("transparent", "explicit"),
+                        help="how pods' DNS reaches the proxy (default transparent when the "
+                             "agent has it)")
+    args = parser.parse_args(argv)
+    settings = lab_mod.LabSettings()
+    if args.dns_mode:
+        settings = lab_mod.LabSettings(dns_mode=args.dns_mode)
+    families = (4, 6) if args.family == "both" else (int(args.family),)
+    try:
+        return 0 if run_demo(settings, families, args.keep) else 1
+    except FqdnproxyError as error:
+        print(f"demo: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,18 +1,42 @@
-"""``make demo`` (explicit mode for now): every scripted answer is as expected."""
+"""``make demo`` (tier 4, root): the lab is built, every scripted step goes as expected over
+IPv4 and IPv6, the table and the matching audit records are printed, and nothing is left."""
 
 from __future__ import annotations
 
 import pytest
 
-from fqdnproxy.lab import demo
-from tests.integration.test_knot import _knotd_present
-from tests.conftest import require
+from fqdnproxy.lab import demo, netns, topology
+from fqdnproxy.lab import lab as lab_mod
+from tests.lab.conftest import require_lab_tools
+
+pytestmark = pytest.mark.root
 
 
-def test_demo_passes_and_shows_answers_and_audit(capsys: pytest.CaptureFixture[str]) -> None:
-    require(_knotd_present(), "knotd not installed (apt package knot; run `make bootstrap`)")
-    assert demo.main([]) == 0
+def test_demo_passes_prints_the_table_and_audit_and_cleans_up(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    require_lab_tools()
+    try:
+        assert demo.main([]) == 0
+    finally:
+        lab_mod.down(say=lambda _text: None)
     out = capsys.readouterr().out
-    assert out.count(" yes") == len(demo.STEPS)
-    assert '"name": "api.demo.test."' in out  # the first audit record, in full
-    assert "absent.demo.test." in out and "NXDOMAIN" in out
+    table = [line for line in out.splitlines() if line.strip().endswith((" yes", " NO"))]
+    assert len(table) == 24 and all(line.endswith(" yes") for line in table), out
+    for expected in ("dig blocked.demo.test A", "REFUSED", "dropped", "after 2 s TTL",
+                     "(backend's answer)", '"name": "api.demo.test."', "reason: no rule allows",
+                     "egressDeny", "Demo passed"):
+        assert expected in out, expected
+    assert netns.names(topology.PREFIX) == [] and not lab_mod.STATE_DIR.exists()
+
+
+def test_demo_keep_leaves_the_lab_up_with_commands_to_try(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    require_lab_tools()
+    try:
+        assert demo.main(["--keep", "--family", "4"]) == 0
+        out = capsys.readouterr().out
+        assert "ip netns exec fqp-frontend dig api.demo.test" in out
+        assert lab_mod.status().up
+    finally:
+        lab_mod.down(say=lambda _text: None)
+    assert netns.names(topology.PREFIX) == []
