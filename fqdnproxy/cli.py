@@ -228,6 +228,14 @@ def _lab_down(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _lab_status(args: argparse.Namespace) -> int:
+    from fqdnproxy.lab import lab
+
+    result = lab.status(args.state_dir)
+    print("\n".join(result.lines))
+    return ExitCode.OK if result.up else ExitCode.PROBLEMS_FOUND
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fqdnproxy`` script; returns the exit status."""
     parser = build_parser()
