@@ -56,7 +56,10 @@ from fqdnproxy.fqdn import learner as learner_mod
 from fqdnproxy.fqdn.learner import AllowLearner, LearnSettings
 from fqdnproxy.observe import audit as audit_mod
 from fqdnproxy.observe import dnstap as dnstap_mod
+from fqdnproxy.observe import drops as drops_mod
+from fqdnproxy.observe import http as http_mod
 from fqdnproxy.observe.metrics import Metrics
+from fqdnproxy.policy import audit_mode
 from fqdnproxy.policy.decider import PolicyDecider
 from fqdnproxy.policy.reload import PolicyStore
 
@@ -85,6 +88,11 @@ class Agent:
     learner: AllowLearner | None = None
     datapath: Any = None  # datapath.egress.EgressDatapath when enabled
     admin: AdminServer | None = None
+    http: http_mod.MetricsHttpServer | None = None  # /metrics, /healthz, /readyz
+    readiness: http_mod.Readiness = field(default_factory=http_mod.Readiness)
+    drops: drops_mod.DropAuditor | None = None  # datapath drop events -> audit log
+    started: float = field(default_factory=time.time)
+    last_reload: admin_commands.ReloadRecord | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _applied: Any = None  # datapath.policy_sync.DesiredState last written
     _redirected: Any = None  # datapath.redirect.Redirect installed
@@ -99,6 +107,8 @@ class Agent:
             StartupError: a listener could not bind, a policy file is invalid, ...
         """
         cfg = self.config
+        if cfg.metrics.listen:  # first: /healthz answers, /readyz says what startup waits for
+            self._start_metrics_endpoint(cfg.metrics.listen)
         sink = self._open_audit()
         decider: exchange.Decider = exchange.AllowAll()
         learner: exchange.Learner = exchange.NoLearning()
@@ -109,8 +119,11 @@ class Agent:
             self._restore()
             if self.datapath is not None:
                 await self._sync_datapath(initial=True)
-            decider = PolicyDecider(lambda: self._store().current)
+                self._watch_datapath()
+            decider = audit_mode.AuditModeDecider(PolicyDecider(lambda: self._store().current),
+                                                  self._audited)
             learner = self.learner
+        self.readiness.mark("policies", "datapath", "cache")
         self.upstream = upstream_mod.UpstreamClient(_upstream_settings(cfg), self.metrics)
         await self.upstream.start()
         servers = [config_mod.parse_address(text) for text in cfg.upstream.servers]
@@ -139,10 +152,9 @@ class Agent:
                    if "transparent" not in protocol)
         if transparent:
             await self._redirect()
-        if cfg.metrics.listen:
-            self._start_metrics_endpoint(cfg.metrics.listen)
         await self._start_admin()
         self._start_background_tasks()
+        self.readiness.mark("listeners")
         for protocol, ip, port in self.server.bound:
             log.info("listening on %s %s", protocol, _format(ip, port))
         log.info("forwarding to %s", ", ".join(cfg.upstream.servers))
@@ -175,6 +187,7 @@ class Agent:
         for warning in current.warnings:
             log.warning("policy: %s", warning)
         self.metrics.child(self.metrics.policy_reloads, "loaded").inc()
+        self.last_reload = admin_commands.ReloadRecord(time.time(), "loaded", current.version)
         log.info("policies: %d loaded, %d endpoints", len(current.policy_set.policies),
                  len(list(current.registry.workloads())))
         return store
@@ -271,7 +284,8 @@ class Agent:
         assert self.learner is not None
         current = self._store().current
         desired = policy_sync.desired_state(current.engine, current.registry,
-                                            self.learner.entry_for, self._dns_targets())
+                                            self.learner.entry_for, self._dns_targets(),
+                                            audited=self._audited)
         previous = policy_sync.current_state(self.datapath) if initial else self._applied
         applied = await asyncio.to_thread(policy_sync.apply, self.datapath, desired, previous)
         if initial:
@@ -287,20 +301,28 @@ class Agent:
                  ", ".join(applied.attached) or "nothing new")
 
     def _start_metrics_endpoint(self, listen: str) -> None:
-        from prometheus_client import start_http_server
-
         ip, port = config_mod.parse_address(listen, allow_port_zero=True)
         try:
-            start_http_server(port, addr=ip, registry=self.metrics.registry)
+            self.http = http_mod.MetricsHttpServer(ip, port, self.metrics.registry,
+                                                   self.readiness).start()
         except OSError as error:
             raise StartupError(f"metrics.listen: cannot bind {listen}: {error}") from None
-        log.info("metrics on http://%s/metrics", _format(ip, port))
+        log.info("metrics on http://%s/metrics (and /healthz, /readyz)",
+                 _format(*self.http.address))
+
+    def _watch_datapath(self) -> None:
+        """Export the datapath's counters and write its drop events to the audit log."""
+        self.metrics.watch_datapath(self.datapath)
+        cfg = self.config.audit
+        limiter = drops_mod.DropLimiter(cfg.drop_rate, cfg.drop_burst, self._identity)
+        self.drops = drops_mod.DropAuditor(self.datapath, self.audit, limiter,
+                                           self.metrics).start()
 
     async def _start_admin(self) -> None:
         path = self.config.state.admin_socket
         if not path:
             return
-        self.admin = AdminServer(Path(path), {"cache.list": self._cache_list})
+        self.admin = AdminServer(Path(path), admin_commands.handlers(self))
         try:
             await self.admin.start()
         except OSError as error:
@@ -335,6 +357,8 @@ class Agent:
         if result.status == "unchanged":
             return result.status
         self.metrics.child(self.metrics.policy_reloads, result.status).inc()
+        self.last_reload = admin_commands.ReloadRecord(time.time(), result.status,
+                                                       result.current.version, result.errors)
         if result.status == "rejected":
             for error in result.errors:
                 log.error("policy change rejected, previous version keeps serving: %s", error)
@@ -388,18 +412,11 @@ class Agent:
         self.metrics.child(self.metrics.snapshots, "ok").inc()
         return True
 
-    # --- admin -----------------------------------------------------------------------------------
-
-    def _cache_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        if self.cache is None:
-            return []
-        registry = self._store().current.registry
-        return admin_commands.cache_list(self.cache, registry.by_id, kernel_now_ns(), args)
-
     # --- stop ------------------------------------------------------------------------------------
 
     async def shutdown(self) -> None:
         """Stop listening, settle what is in flight, snapshot, flush the audit log."""
+        self.readiness.stopping()
         await self._unredirect()  # first: pods' DNS goes straight to their servers again
         if self.server is not None:
             await self.server.stop()
@@ -412,12 +429,16 @@ class Agent:
             await self.upstream.close()
         if self.admin is not None:
             await self.admin.stop()
+        if self.drops is not None:
+            await asyncio.to_thread(self.drops.stop)  # before the audit log and the datapath
         if self.audit is not None:
             self.audit.close()
         for sink in self.dnstap:
             sink.close()
         if self.datapath is not None:
             self.datapath.close()  # pins and attached filters stay: enforcement goes on
+        if self.http is not None:
+            self.http.close()
         log.info("stopped")
 
     def capture_signals(self) -> None:
@@ -451,6 +472,14 @@ class Agent:
     def _store(self) -> PolicyStore:
         assert self.store is not None
         return self.store
+
+    def _audited(self, endpoint: Any) -> bool:
+        return audit_mode.audited(endpoint, self.config.policy.audit_mode)
+
+    def _identity(self, endpoint_id: int) -> dict[str, Any] | None:
+        """How audit records name an endpoint id (any thread: one attribute read)."""
+        endpoint = self._store().current.registry.by_id(endpoint_id)
+        return endpoint.identity if endpoint is not None else None
 
     def _policy_for(self, endpoint_id: int) -> object | None:
         current = self._store().current

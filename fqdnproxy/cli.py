@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_commands(commands)
     _add_map_commands(commands)
     _add_cache_commands(commands)
+    _add_status_command(commands)
+    _add_endpoint_commands(commands)
     _add_lab_commands(commands)
     return parser
 
@@ -89,6 +91,7 @@ def _add_policy_commands(commands: argparse._SubParsersAction) -> None:  # type:
     explain.add_argument("--protocol", choices=("udp", "tcp"), default="udp")
     explain.add_argument("--output", choices=("table", "json"), default="table")
     explain.set_defaults(handler=_policy_explain)
+    _add_policy_list(verbs)
 
 
 def _policy_check(args: argparse.Namespace) -> int:
@@ -126,6 +129,12 @@ def _add_cache_commands(commands: argparse._SubParsersAction) -> None:  # type: 
     listing.add_argument("--name", help="only this DNS name")
     _add_admin_options(listing)
     listing.set_defaults(handler=_cache_list)
+    clean = verbs.add_parser("clean", help="forget what an endpoint or a name taught, and remove "
+                                           "its allow-map entries")
+    clean.add_argument("--endpoint", metavar="NS/NAME", help="this endpoint (or its numeric id)")
+    clean.add_argument("--name", help="this DNS name (of every endpoint, or of --endpoint)")
+    _add_admin_options(clean)
+    clean.set_defaults(handler=_cache_clean)
 
 
 def _cache_list(args: argparse.Namespace) -> int:
@@ -150,13 +159,76 @@ def _cache_list(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _ask(args: argparse.Namespace, command: str, params: dict[str, object],
+         table: Callable[[object], str]) -> int:
+    """Send ``command`` to the agent at ``args.socket``; print its result as JSON or ``table``."""
+    import json
+    from pathlib import Path
+
+    from fqdnproxy.admin import client
+
+    try:
+        result = client.call(Path(args.socket), command, params)
+    except client.AdminError as error:
+        print(f"fqdnproxy: {error}", file=sys.stderr)
+        return ExitCode.PROBLEMS_FOUND
+    print(json.dumps(result, indent=2) if args.output == "json" else table(result))
+    return ExitCode.OK
+
+
+def _add_status_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``fqdnproxy status``: the running agent at a glance."""
+    from fqdnproxy.admin import render
+
+    status = commands.add_parser("status", help="the running agent: uptime, readiness, "
+                                                "endpoints, policies, cache and map sizes, reload")
+    _add_admin_options(status)
+    status.set_defaults(handler=lambda args: _ask(args, "status", {}, render.status))
+
+
+def _add_endpoint_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``fqdnproxy endpoint list``: the running agent's inventory and each endpoint's mode."""
+    from fqdnproxy.admin import render
+
+    endpoint = commands.add_parser("endpoint", help="the running agent's endpoints")
+    verbs = endpoint.add_subparsers(title="endpoint commands", metavar="VERB")
+    endpoint.set_defaults(handler=lambda _args: endpoint.print_help() or ExitCode.USAGE)
+    listing = verbs.add_parser("list", help="endpoints: addresses, mode, policies, cached names, "
+                                            "datapath packets")
+    _add_admin_options(listing)
+    listing.set_defaults(handler=lambda args: _ask(args, "endpoint.list", {}, render.endpoints))
+
+
+def _add_policy_list(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``fqdnproxy policy list``: what the running agent loaded, from which files."""
+    from fqdnproxy.admin import render
+
+    listing = verbs.add_parser("list", help="the running agent's policies, their files and "
+                                            "the endpoints they select")
+    _add_admin_options(listing)
+    listing.set_defaults(handler=lambda args: _ask(args, "policy.list", {}, render.policies))
+
+
+def _cache_clean(args: argparse.Namespace) -> int:
+    from fqdnproxy.admin import render
+
+    if not args.endpoint and not args.name:
+        print("fqdnproxy: cache clean needs --endpoint, --name or both", file=sys.stderr)
+        return ExitCode.USAGE
+    return _ask(args, "cache.clean", {"endpoint": args.endpoint, "name": args.name},
+                render.cache_clean)
+
+
 def _add_map_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """``fqdnproxy map dump`` (datapath issue): read the pinned maps, no program needed."""
     maps_parser = commands.add_parser("map", help="inspect the datapath's pinned maps")
     verbs = maps_parser.add_subparsers(title="map commands", metavar="VERB")
     maps_parser.set_defaults(handler=lambda _args: maps_parser.print_help() or ExitCode.USAGE)
     dump = verbs.add_parser("dump", help="print the allow entries (endpoint, prefix, ports, expiry)")
-    dump.add_argument("--pin-dir", default="/sys/fs/bpf/fqdnproxy", metavar="DIR")
+    dump.add_argument("--pin-dir", default="/sys/fs/bpf/fqdnproxy", metavar="DIR",
+                      help="read the maps pinned here (no agent needed)")
+    dump.add_argument("--socket", metavar="PATH",
+                      help="ask the running agent instead (adds endpoint names)")
     dump.add_argument("--output", choices=("table", "json"), default="table")
     dump.set_defaults(handler=_map_dump)
 
@@ -164,6 +236,8 @@ def _add_map_commands(commands: argparse._SubParsersAction) -> None:  # type: ig
 def _map_dump(args: argparse.Namespace) -> int:
     from fqdnproxy.datapath import allowmap, dump, pinned
 
+    if args.socket:
+        return _ask(args, "map.dump", {}, lambda rows: dump.render_rows(rows, "table"))
     with pinned.PinnedMaps.open(args.pin_dir) as maps:
         print(dump.render(maps.dump(), allowmap.kernel_now_ns(), args.output))
     return ExitCode.OK

@@ -110,6 +110,11 @@ class AuditConfig:
     dnstap_socket: str = _opt(
         "", "also send records as dnstap to a Frame Streams reader on this unix socket, "
         "reconnecting while it is absent; '' for none")
+    drop_rate: float = _opt(
+        10.0, "datapath drop records per endpoint and second (a token bucket); the rest are "
+        "counted and reported in the next record or a drop_summary record", "records/s")
+    drop_burst: int = _opt(20, "drop records an endpoint may have at once above drop_rate",
+                           "records")
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,10 @@ class PolicyConfig:
     deny_response: Literal["refused", "nxdomain"] = _opt(
         "refused", "the answer to a denied query: refused, or nxdomain (musl stops its search "
         "list on REFUSED)")
+    audit_mode: bool = _opt(
+        False, "audit mode for every endpoint: what policies would refuse (queries, packets) is "
+        "logged with verdict audit and let through; per endpoint: label "
+        "fqdnproxy.io/audit: \"true\" in the inventory")
 
 
 @dataclass(frozen=True)
@@ -401,6 +410,8 @@ def _validate(config: AgentConfig, origin: str) -> None:
         ("upstream.socket_max_age", config.upstream.socket_max_age),
         ("upstream.max_servers", config.upstream.max_servers),
         ("audit.queue_size", config.audit.queue_size),
+        ("audit.drop_rate", config.audit.drop_rate),
+        ("audit.drop_burst", config.audit.drop_burst),
         ("policy.reload_interval", config.policy.reload_interval),
         ("cache.max_ips_per_name", config.cache.max_ips_per_name),
         ("cache.max_names_per_endpoint", config.cache.max_names_per_endpoint),

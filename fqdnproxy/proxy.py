@@ -11,7 +11,8 @@ The stages, in order (CoreDNS keeps this list in ``plugin.cfg``; we keep it here
             the header could be read, else dropped. Both counted. Opcodes other than QUERY
             (NOTIFY, UPDATE, ...) get NOTIMP.
 2. admit:   the in-flight cap; past it SERVFAIL, counted.
-3. decide:  the ``Decider`` (policy engine; ``AllowAll`` until policies are wired in).
+3. decide:  the ``Decider`` (policy engine; ``AllowAll`` until policies are wired in). In
+            audit mode a refusal becomes verdict ``audit`` and the query goes on.
 4. forward: the ``UpstreamClient`` over the client's protocol, to the server the ``Router``
             names (a configured upstream, or in transparent mode the original destination).
             Timeout: no answer, the client retries. Unreachable or bad answer: SERVFAIL.
@@ -163,24 +164,25 @@ class Proxy:
         if not decision.allowed:
             rcode = decision.rcode if decision.rcode is not None else self._settings.deny_rcode
             return self._fail(exchange, rcode, decision.outcome, decision.reason)
+        verdict = decision.outcome  # "allowed", or "audit": refused, but in audit mode
         try:
             answer = await self._forward(exchange, server)
         except upstream_mod.UpstreamTimeout:
             self._metrics.upstream_errors.labels("timeout").inc()
-            return self._fail(exchange, None, "allowed", "upstream timeout; no answer sent")
+            return self._fail(exchange, None, verdict, "upstream timeout; no answer sent")
         except upstream_mod.UpstreamError as error:
             self._metrics.upstream_errors.labels(error.reason).inc()
-            return self._fail(exchange, wire.Rcode.SERVFAIL, "allowed", f"upstream: {error}")
+            return self._fail(exchange, wire.Rcode.SERVFAIL, verdict, f"upstream: {error}")
         try:
             response = wire.parse_response(answer)
         except wire.WireError as error:
             self._metrics.upstream_errors.labels("bad_answer").inc()
-            return self._fail(exchange, wire.Rcode.SERVFAIL, "allowed",
+            return self._fail(exchange, wire.Rcode.SERVFAIL, verdict,
                               f"upstream answer unreadable: {error}")
         try:
             allowed_ips = self._learner.learn(exchange, response)
         except LearnError as error:
-            return self._fail(exchange, wire.Rcode.SERVFAIL, "allowed", f"not learned: {error}")
+            return self._fail(exchange, wire.Rcode.SERVFAIL, verdict, f"not learned: {error}")
         return self._release(exchange, answer, response, allowed_ips)
 
     async def _forward(self, exchange: Exchange, server: Server) -> bytes:
@@ -219,9 +221,11 @@ class Proxy:
                  allowed_ips: tuple[AllowedIp, ...]) -> bytes:
         reply = wire.with_id(answer, exchange.query.header.id)
         rcode = response.header.rcode
-        self._count(exchange, "allowed", rcode)
+        decision = exchange.decision
+        verdict = decision.outcome if decision is not None else "allowed"
+        self._count(exchange, verdict, rcode)
         self._audit.emit(self._record(
-            exchange, "answer", "allowed", exchange.decision.reason if exchange.decision else "",
+            exchange, "answer", verdict, decision.reason if decision is not None else "",
             rcode, response, reply, allowed_ips))
         return reply
 

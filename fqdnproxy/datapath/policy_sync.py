@@ -54,8 +54,13 @@ def interface_index(name: str) -> int:
 
 def desired_state(engine: object, registry: object, entry_for: EntryFor,
                   dns_targets: Iterable[tuple[str, int]],
-                  ifindex_of: Callable[[str], int] = interface_index) -> DesiredState:
-    """The static state for ``engine`` and ``registry`` (policy.engine, endpoints)."""
+                  ifindex_of: Callable[[str], int] = interface_index,
+                  audited: Callable[[object], bool] = lambda endpoint: False) -> DesiredState:
+    """The static state for ``engine`` and ``registry`` (policy.engine, endpoints).
+
+    ``audited(endpoint)`` True adds the AUDIT flag to an enforced endpoint (policy/audit_mode.py):
+    its would-be drops are counted, reported and passed.
+    """
     state = DesiredState(dns_targets=frozenset(dns_targets))
     missing: list[str] = []
     for endpoint in registry.workloads():  # type: ignore[attr-defined]
@@ -64,6 +69,8 @@ def desired_state(engine: object, registry: object, entry_for: EntryFor,
         if endpoint.interface and not ifindex:
             missing.append(endpoint.interface)
         flags = EndpointFlags.ENFORCE_EGRESS if policy.enforced else EndpointFlags.NONE
+        if policy.enforced and audited(endpoint):
+            flags |= EndpointFlags.AUDIT
         for ip in endpoint.ips:
             state.endpoints[ip] = (endpoint.id, int(flags), ifindex)
         if ifindex and policy.enforced:

@@ -3,7 +3,9 @@
 Every exchange the proxy finishes yields exactly one ``AuditRecord``; its ``type`` says how the
 exchange ended: ``answer`` (an upstream answer was released), ``query`` (the proxy answered itself
 or not at all: refused, SERVFAIL, FORMERR, upstream timeout). The record carries the query, the
-verdict and, for answers, the rcode, the answer records and the CNAME chain.
+verdict and, for answers, the rcode, the answer records and the CNAME chain. Packets the datapath
+drops are records of their own: ``DropRecord`` (``drop``) and ``DropSummaryRecord``
+(``drop_summary``), written by ``observe.drops``.
 
 The hot path only appends the record to a bounded deque; a writer thread turns records into JSON
 and writes them, so a slow disk never stalls DNS. When the deque is full the record is dropped
@@ -77,6 +79,65 @@ class AuditRecord:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class DropRecord:
+    """A packet the datapath dropped (or, in audit mode, would have dropped and passed).
+
+    ``suppressed`` counts this endpoint's drop events the audit rate limit left out since its
+    previous drop record (``observe.drops``). README "Audit records" has the fields.
+    """
+
+    time: float  # seconds since the epoch (the kernel's timestamp of the packet)
+    endpoint: dict[str, Any] | None  # None when the id is no longer in the inventory
+    endpoint_id: int
+    source: tuple[str, int]
+    destination: tuple[str, int]
+    protocol: str  # "tcp", "udp", "icmp", "icmpv6" or the IP protocol number
+    reason: str  # datapath reason: no_entry, expired, port, spoofed, malformed, icmp
+    verdict: str  # "dropped", or "audit": the endpoint is in audit mode and the packet passed
+    suppressed: int = 0
+    type: str = "drop"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object written to the log."""
+        return {
+            "time": _rfc3339(self.time),
+            "type": self.type,
+            "endpoint": self.endpoint,
+            "endpoint_id": self.endpoint_id,
+            "source": {"ip": self.source[0], "port": self.source[1]},
+            "destination": {"ip": self.destination[0], "port": self.destination[1]},
+            "protocol": self.protocol,
+            "reason": self.reason,
+            "verdict": self.verdict,
+            "suppressed": self.suppressed,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DropSummaryRecord:
+    """Drop events of one endpoint that the audit rate limit left out and no later drop record
+    reported, written periodically so every suppressed event is reported once."""
+
+    time: float
+    endpoint: dict[str, Any] | None
+    endpoint_id: int
+    suppressed: int
+    since: float  # seconds since the epoch: the first suppressed event this record covers
+    type: str = "drop_summary"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object written to the log."""
+        return {
+            "time": _rfc3339(self.time),
+            "type": self.type,
+            "endpoint": self.endpoint,
+            "endpoint_id": self.endpoint_id,
+            "suppressed": self.suppressed,
+            "since": _rfc3339(self.since),
+        }
+
+
 class _Rfc3339:
     """RFC 3339 UTC timestamps with microseconds; the date part is formatted once a second."""
 
@@ -99,7 +160,8 @@ class AuditSink(Protocol):
     """Where the proxy sends finished exchanges."""
 
     def emit(self, record: AuditRecord) -> None:
-        """Queue one record; never blocks."""
+        """Queue one record; never blocks. (The JSON-lines sink also takes ``DropRecord`` and
+        ``DropSummaryRecord``; dnstap sinks never get them: they are not DNS messages.)"""
 
 
 class TeeAuditSink:
@@ -139,7 +201,8 @@ class JsonLinesAuditLog:
 
     def __init__(self, path: str, queue_size: int, metrics: Metrics) -> None:
         self._path = path
-        self._queue: collections.deque[AuditRecord] = collections.deque()
+        self._queue: collections.deque[AuditRecord | DropRecord | DropSummaryRecord] = (
+            collections.deque())
         self._queue_size = queue_size
         self._metrics = metrics
         self._reopen = threading.Event()
@@ -148,8 +211,8 @@ class JsonLinesAuditLog:
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
-    def emit(self, record: AuditRecord) -> None:
-        """Queue one record, or drop and count it when the queue is full."""
+    def emit(self, record: AuditRecord | DropRecord | DropSummaryRecord) -> None:
+        """Queue one record, or drop and count it when the queue is full. Any thread."""
         if len(self._queue) >= self._queue_size:
             self._metrics.audit_dropped.inc()
             return

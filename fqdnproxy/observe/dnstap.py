@@ -19,6 +19,7 @@ Where fqdnproxy puts what (README "dnstap"):
 
     verdict                  reply sent               Policy.action  Policy.match
     allowed                  any, or none (timeout)   PASS           QNAME
+    audit (let through)      any, or none (timeout)   PASS           QNAME
     any other                none                     DROP           QNAME for denied,
                              NXDOMAIN                 NXDOMAIN       CLIENT_IP for no-endpoint,
                              NOERROR                  NODATA         absent for overload,
@@ -63,7 +64,8 @@ ACTION_NXDOMAIN, ACTION_NODATA, ACTION_PASS, ACTION_DROP, ACTION_LOCAL_DATA = 1,
 MATCH_QNAME, MATCH_CLIENT_IP = 1, 2
 
 POLICY_TYPE_NAME = b"fqdnproxy"
-_POLICY_MATCHES = {"allowed": MATCH_QNAME, "denied": MATCH_QNAME, "no-endpoint": MATCH_CLIENT_IP}
+_POLICY_MATCHES = {"allowed": MATCH_QNAME, "denied": MATCH_QNAME, "audit": MATCH_QNAME,
+                   "no-endpoint": MATCH_CLIENT_IP}
 
 
 # --- protobuf, by hand ------------------------------------------------------------------------
@@ -102,7 +104,7 @@ def _time(sec_field: int, nsec_field: int, timestamp: float) -> bytes:
 
 def policy_action(record: AuditRecord) -> int:
     """The dnstap Policy.Action for a record's verdict and reply (mapping in the docstring)."""
-    if record.verdict == "allowed":
+    if record.verdict in ("allowed", "audit"):  # audit: refused by policy, let through
         return ACTION_PASS
     if record.response_message is None:
         return ACTION_DROP

@@ -122,6 +122,10 @@ class Metrics:
         self.snapshots = Counter(
             "fqdnproxy_cache_snapshots", "Cache snapshots written, by result (ok, error)",
             ["result"], registry=r)
+        self.drop_events = Counter(
+            "fqdnproxy_drop_events", "Datapath drop events read from the kernel, by outcome "
+            "(logged: an audit record; suppressed: over the per-endpoint audit rate, counted in "
+            "the next record or a drop_summary record)", ["outcome"], registry=r)
 
     def watch_cache(self, cache: Any, memo_sizes: Any = None) -> None:
         """Export the FQDN cache's sizes and evictions, read at scrape time (no hot-path cost).
@@ -129,6 +133,16 @@ class Metrics:
         ``memo_sizes`` returns the learn stage's memo sizes (``fqdn.learner.memo_sizes``).
         """
         self.registry.register(_CacheCollector(cache, memo_sizes or dict))
+
+    def watch_datapath(self, datapath: Any) -> None:
+        """Export the datapath's per-CPU counters and allow-map sizes, read at scrape time.
+
+        ``datapath`` is an ``egress.EgressDatapath`` (``counters()``, ``maps``).
+        """
+        from fqdnproxy.observe import datapath_metrics
+
+        self.registry.register(datapath_metrics.DatapathCollector(
+            datapath.counters, lambda: datapath_metrics.count_allow_entries(datapath.maps)))
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached."""

@@ -9,7 +9,7 @@ in-memory implementation, which follows the same contract.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,9 @@ from fqdnproxy.fqdn.learner import AllowLearner, LearnSettings
 from fqdnproxy.observe.metrics import Metrics
 from fqdnproxy.policy.decider import PolicyDecider
 from fqdnproxy.policy.reload import PolicyStore
+from tests.conftest import require
 from tests.support.audit_schema import RecordingAudit
+from tests.support.bpffs import private_bpffs
 from tests.support.dns_client import udp_query
 from tests.support.fake_upstream import FakeUpstream
 
@@ -141,9 +143,30 @@ async def make_rig(tmp_path: Path, *, allow_map: InMemoryAllowMap | None = None,
                ("127.0.0.1", port), policy_dir)
 
 
-@pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
-    rig = await make_rig(tmp_path)
+@pytest.fixture(scope="module")
+def kernel_map(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The real allow map: the eBPF program loaded, its maps pinned on a private bpffs."""
+    import os
+
+    require(os.geteuid() == 0, "the kernel allow map needs root and BPF")
+    from fqdnproxy.datapath.egress import EgressDatapath
+
+    with private_bpffs(tmp_path_factory.mktemp("bpffs")) as mount:
+        datapath = EgressDatapath.load(mount / "fqdnproxy-test")
+        try:
+            yield datapath
+        finally:
+            datapath.close()
+
+
+@pytest.fixture(params=["memory", "kernel"])
+async def rig(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Rig]:
+    """The rig with the in-memory allow map, and again with the kernel's (root)."""
+    allow_map = None
+    if request.param == "kernel":
+        allow_map = request.getfixturevalue("kernel_map")
+        allow_map.delete_allows([entry.key for entry in allow_map.dump()])  # a clean map
+    rig = await make_rig(tmp_path, allow_map=allow_map)
     yield rig
     await close(rig)
 
