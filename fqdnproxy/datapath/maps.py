@@ -14,11 +14,11 @@ import ipaddress
 
 from fqdnproxy.datapath.allowmap import MAX_PORT_RANGES, AllowEntry, AllowKey, Address, PortRange
 
-LAYOUT_VERSION = 1  # FQDN_LAYOUT_VERSION
+LAYOUT_VERSION = 2  # FQDN_LAYOUT_VERSION (2: counters slots and array, hashed ct key)
 
 # The pinned maps (file names under the pin directory), in the order the C declares them.
 PINNED_MAPS = (
-    "meta", "endpoints", "ifaces", "allow", "allow_exact", "ct", "counters", "dns_targets",
+    "meta", "endpoints", "ifaces", "allow", "allow_exact", "ct", "counters", "slots", "dns_targets",
 )
 
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
@@ -70,11 +70,26 @@ class EndpointValue(ctypes.Structure):
         ("endpoint_id", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
         ("ifindex", ctypes.c_uint32),
+        ("slot", ctypes.c_uint32),  # the endpoint id's counters slot
     ]
 
 
 class IfaceValue(ctypes.Structure):
-    _fields_ = [("endpoint_id", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+    _fields_ = [("endpoint_id", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("slot", ctypes.c_uint32)]
+
+
+class SlotState(enum.IntEnum):
+    """``SlotValue.state``."""
+
+    FREE = 0
+    USED = 1  # the endpoint id has addresses in `endpoints`
+    RETIRED = 2  # it has none left; its counts stay until the slot is given to another id
+
+
+class SlotValue(ctypes.Structure):
+    """``slots[slot]``: the endpoint id owning a counters slot."""
+
+    _fields_ = [("endpoint_id", ctypes.c_uint32), ("state", ctypes.c_uint32)]
 
 
 class PortRangeC(ctypes.Structure):
@@ -106,12 +121,13 @@ class ExactKey(ctypes.Structure):
 
 
 class CtKey(ctypes.Structure):
+    """A flow: the addresses are hashed into the key and stored in full in ``CtValue``."""
+
     _fields_ = [
-        ("saddr", U8x16),
-        ("daddr", U8x16),
+        ("endpoint_id", ctypes.c_uint32),
+        ("addr_hash", ctypes.c_uint32 * 2),
         ("sport", ctypes.c_uint16),
         ("dport", ctypes.c_uint16),
-        ("endpoint_id", ctypes.c_uint32),
         ("protocol", ctypes.c_uint8),
         ("family", ctypes.c_uint8),
         ("pad", ctypes.c_uint8 * 2),
@@ -119,11 +135,12 @@ class CtKey(ctypes.Structure):
 
 
 class CtValue(ctypes.Structure):
-    _fields_ = [("last_seen_ns", ctypes.c_uint64), ("created_ns", ctypes.c_uint64)]
-
-
-class CounterKey(ctypes.Structure):
-    _fields_ = [("endpoint_id", ctypes.c_uint32), ("reason", ctypes.c_uint32)]
+    _fields_ = [
+        ("last_seen_ns", ctypes.c_uint64),  # coarse monotonic clock
+        ("created_ns", ctypes.c_uint64),
+        ("saddr", U8x16),
+        ("daddr", U8x16),
+    ]
 
 
 class DnsKey(ctypes.Structure):
@@ -164,10 +181,12 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "exact_key": ExactKey,
     "ct_key": CtKey,
     "ct_value": CtValue,
-    "counter_key": CounterKey,
+    "slot_value": SlotValue,
     "dns_key": DnsKey,
     "drop_event": DropEventC,
 }
+
+REASON_MAX = len(Reason)  # counters per slot (the C's REASON_MAX)
 
 # Pinned map -> (key size, value size) it must have; a pinned map that differs is refused.
 MAP_SIZES: dict[str, tuple[int, int]] = {
@@ -177,7 +196,8 @@ MAP_SIZES: dict[str, tuple[int, int]] = {
     "allow": (ctypes.sizeof(AllowKeyC), ctypes.sizeof(AllowValue)),
     "allow_exact": (ctypes.sizeof(ExactKey), ctypes.sizeof(AllowValue)),
     "ct": (ctypes.sizeof(CtKey), ctypes.sizeof(CtValue)),
-    "counters": (ctypes.sizeof(CounterKey), 8),
+    "counters": (4, 8),  # index slot * REASON_MAX + reason; per-CPU u64
+    "slots": (4, ctypes.sizeof(SlotValue)),
     "dns_targets": (ctypes.sizeof(DnsKey), 4),
 }
 
@@ -189,7 +209,8 @@ def layout_cflags() -> list[str]:
         items.append(f"FQDN_EXPECT_SIZE({cname}, {ctypes.sizeof(struct)})")
         for fname, *_ in struct._fields_:
             items.append(f"FQDN_EXPECT({cname}, {fname}, {getattr(struct, fname).offset})")
-    return [f"-DFQDN_EXPECT_LAYOUT_VERSION={LAYOUT_VERSION}", "-DFQDN_EXPECT_LAYOUT=" + " ".join(items)]
+    return [f"-DFQDN_EXPECT_LAYOUT_VERSION={LAYOUT_VERSION}", f"-DFQDN_EXPECT_REASON_MAX={REASON_MAX}",
+            "-DFQDN_EXPECT_LAYOUT=" + " ".join(items)]
 
 
 # --- addresses ---------------------------------------------------------------------------------

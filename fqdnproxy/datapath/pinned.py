@@ -168,11 +168,17 @@ class PinnedMaps:
         packets on ``ifindex`` from unknown sources are dropped when ENFORCE_EGRESS is set.
         """
         address = ipaddress.ip_address(ip)
-        value = maps.EndpointValue(endpoint_id=endpoint_id, flags=int(flags), ifindex=ifindex)
-        bpfsys.update(self._fds["endpoints"], maps.endpoint_key(address), value)
+        key = maps.endpoint_key(address)
+        old = maps.EndpointValue()
+        had = bpfsys.lookup(self._fds["endpoints"], key, old)
+        slot = old.slot if had and old.endpoint_id == endpoint_id else self._claim_slot(endpoint_id)
+        value = maps.EndpointValue(endpoint_id=endpoint_id, flags=int(flags), ifindex=ifindex, slot=slot)
         if ifindex:
             bpfsys.update(self._fds["ifaces"], ctypes.c_uint32(ifindex),
-                          maps.IfaceValue(endpoint_id=endpoint_id, flags=int(flags)))
+                          maps.IfaceValue(endpoint_id=endpoint_id, flags=int(flags), slot=slot))
+        bpfsys.update(self._fds["endpoints"], key, value)
+        if had and old.endpoint_id != endpoint_id:
+            self._release_slot(old.endpoint_id, old.slot)
 
     def remove_endpoint(self, ip: str | Address) -> bool:
         """Forget source ``ip``; its interface is released when no other address uses it."""
@@ -184,7 +190,52 @@ class PinnedMaps:
         bpfsys.delete(self._fds["endpoints"], key)
         if value.ifindex and not any(v.ifindex == value.ifindex for _, v in self.endpoints()):
             bpfsys.delete(self._fds["ifaces"], ctypes.c_uint32(value.ifindex))
+        self._release_slot(value.endpoint_id, value.slot)
         return True
+
+    # --- counters slots ----------------------------------------------------------------------
+    # The program counts into a per-CPU array at slot * REASON_MAX + reason; each endpoint id that
+    # has an address in `endpoints` owns one slot, recorded in `slots`. One writer (the agent)
+    # at a time, like every other map write here.
+
+    def _slot_owners(self) -> Iterator[tuple[int, maps.SlotValue]]:
+        for slot, value in self._iterate("slots", ctypes.c_uint32, maps.SlotValue):
+            yield int(slot), maps.SlotValue.from_buffer_copy(value)
+
+    def _claim_slot(self, endpoint_id: int) -> int:
+        """The slot of ``endpoint_id``: its own (in use or retired), else a free one, else the
+        first retired one of another id; a slot changing hands has its counters zeroed."""
+        free = retired = None
+        for slot, owner in self._slot_owners():
+            if owner.state != maps.SlotState.FREE and owner.endpoint_id == endpoint_id:
+                if owner.state != maps.SlotState.USED:
+                    self._set_slot(slot, endpoint_id, maps.SlotState.USED)
+                return slot
+            if owner.state == maps.SlotState.FREE and free is None:
+                free = slot
+            elif owner.state == maps.SlotState.RETIRED and retired is None:
+                retired = slot
+        slot = free if free is not None else retired
+        if slot is None:
+            raise bpfsys.BpfError("no free counters slot (every endpoints slot is in use)", errno.ENOSPC)
+        zero = (ctypes.c_uint64 * self._ncpus)()
+        for reason in range(maps.REASON_MAX):
+            bpfsys.update(self._fds["counters"], ctypes.c_uint32(slot * maps.REASON_MAX + reason), zero)
+        self._set_slot(slot, endpoint_id, maps.SlotState.USED)
+        return slot
+
+    def _set_slot(self, slot: int, endpoint_id: int, state: maps.SlotState) -> None:
+        bpfsys.update(self._fds["slots"], ctypes.c_uint32(slot),
+                      maps.SlotValue(endpoint_id=endpoint_id, state=state))
+
+    def _release_slot(self, endpoint_id: int, slot: int) -> None:
+        """Retire ``slot`` when no address of ``endpoint_id`` is left (its counts stay)."""
+        if any(v.endpoint_id == endpoint_id for _, v in self.endpoints()):
+            return
+        owner = maps.SlotValue()
+        if bpfsys.lookup(self._fds["slots"], ctypes.c_uint32(slot), owner) and \
+                owner.endpoint_id == endpoint_id and owner.state == maps.SlotState.USED:
+            self._set_slot(slot, endpoint_id, maps.SlotState.RETIRED)
 
     def endpoints(self) -> list[tuple[Address, maps.EndpointValue]]:
         """Every (source address, endpoint value)."""
@@ -270,14 +321,21 @@ class PinnedMaps:
     # --- counters and flows --------------------------------------------------------------------
 
     def counters(self) -> dict[int, dict[maps.Reason, int]]:
-        """Packets per endpoint and reason, summed over CPUs (endpoint id -> reason -> count)."""
+        """Packets per endpoint and reason, summed over CPUs (endpoint id -> reason -> count).
+
+        Only non-zero counts appear. They outlive the endpoint's addresses until its slot is
+        given to another endpoint id (when every slot is taken).
+        """
+        owners = {slot: o.endpoint_id for slot, o in self._slot_owners() if o.state != maps.SlotState.FREE}
+        out: dict[int, dict[maps.Reason, int]] = {}
         fd = self._fds["counters"]
         values = (ctypes.c_uint64 * self._ncpus)()
-        out: dict[int, dict[maps.Reason, int]] = {}
-        for key in self._keys(fd, maps.CounterKey):
-            if bpfsys.lookup(fd, key, values):
-                reasons = out.setdefault(key.endpoint_id, {})
-                reasons[maps.Reason(key.reason)] = sum(values)
+        for slot, endpoint_id in sorted(owners.items()):
+            for reason in maps.Reason:
+                if bpfsys.lookup(fd, ctypes.c_uint32(slot * maps.REASON_MAX + reason), values):
+                    total = sum(values)
+                    if total:
+                        out.setdefault(endpoint_id, {})[reason] = total
         return out
 
     def flows(self) -> list[tuple[maps.CtKey, maps.CtValue]]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pyroute2 import NetNS
 
+from tests.datapath import leftovers
 from tests.support import netns
 
 PEER = str(Path(__file__).with_name("peer.py"))
@@ -71,11 +72,22 @@ def _up(name: str, ifname: str) -> None:
 
 
 @contextlib.contextmanager
+def _namespace() -> Iterator[str]:
+    """``netns.namespace()``, recorded in the ledger so that a killed run's is swept next time."""
+    name = netns.unique_name()
+    leftovers.record("netns", name)
+    try:
+        with netns.namespace(name) as made:
+            yield made
+    finally:
+        leftovers.strike("netns", name)
+
+
+@contextlib.contextmanager
 def topology(ports: tuple[int, ...] = PORTS) -> Iterator[Topology]:
     """Build the namespaces, addresses, routes and world servers (echo servers on ``ports``);
     tear all down on exit."""
-    with netns.namespace() as node, netns.namespace() as world, \
-            netns.namespace() as p1, netns.namespace() as p2:
+    with _namespace() as node, _namespace() as world, _namespace() as p1, _namespace() as p2:
         pods = (Pod(p1, "lxc1", "192.0.2.10", "2001:db8:1::10"),
                 Pod(p2, "lxc2", "192.0.2.20", "2001:db8:2::20"))
         for i, pod in enumerate(pods, start=1):
