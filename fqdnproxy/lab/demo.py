@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = lab_mod.LabSettings(dns_mode=args.dns_mode)
     families = (4, 6) if args.family == "both" else (int(args.family),)
     try:
-        return 0 if run_demo(settings, families, args.keep) else 1
+        with lab_mod.exclusive():
+            return 0 if run_demo(settings, families, args.keep) else 1
     except FqdnproxyError as error:
         print(f"demo: {error}", file=sys.stderr)
         return 2

@@ -11,11 +11,15 @@ Nothing is created in the caller's network namespace.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 POLICIES = REPO / "policies"
 STATE_DIR = Path("/run/fqdnproxy-lab")
 STATE_FILE = "lab.json"
+LOCK = Path("/run/fqdnproxy-lab.lock")
 METRICS = "127.0.0.1:9153"  # in the node namespace
 DNS_PORT = 53
 
@@ -112,6 +117,33 @@ class Lab:
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise LabError(f"{state_dir / STATE_FILE}: unreadable ({error}); "
                            "`fqdnproxy lab down` removes what is left") from None
+
+
+@contextlib.contextmanager
+def exclusive(timeout: float = 900.0) -> Iterator[None]:
+    """Hold the machine-wide lab lock while building, using and removing a lab.
+
+    The lab's names are fixed (fqp-node, ...), so two users at once would tear down each
+    other's lab; the demo and the tests take turns here. Not re-entrant.
+
+    Raises:
+        LabError: the lock was not free within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    with open(LOCK, "a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LabError(f"another lab user holds {LOCK} (demo or tests running?)"
+                                   ) from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # --- up ------------------------------------------------------------------------------------------

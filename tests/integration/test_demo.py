@@ -16,9 +16,10 @@ def test_demo_passes_prints_the_table_and_audit_and_cleans_up(
         capsys: pytest.CaptureFixture[str]) -> None:
     require_lab_tools()
     try:
-        assert demo.main([]) == 0
+        assert demo.main([]) == 0  # takes the lab lock itself
     finally:
-        lab_mod.down(say=lambda _text: None)
+        with lab_mod.exclusive():
+            lab_mod.down(say=lambda _text: None)
     out = capsys.readouterr().out
     table = [line for line in out.splitlines() if line.strip().endswith((" yes", " NO"))]
     assert len(table) == 24 and all(line.endswith(" yes") for line in table), out
@@ -32,11 +33,12 @@ def test_demo_passes_prints_the_table_and_audit_and_cleans_up(
 def test_demo_keep_leaves_the_lab_up_with_commands_to_try(
         capsys: pytest.CaptureFixture[str]) -> None:
     require_lab_tools()
-    try:
-        assert demo.main(["--keep", "--family", "4"]) == 0
-        out = capsys.readouterr().out
-        assert "ip netns exec fqp-frontend dig api.demo.test" in out
-        assert lab_mod.status().up
-    finally:
-        lab_mod.down(say=lambda _text: None)
-    assert netns.names(topology.PREFIX) == []
+    with lab_mod.exclusive():
+        try:
+            assert demo.run_demo(lab_mod.LabSettings(), (4,), keep=True)
+            out = capsys.readouterr().out
+            assert "ip netns exec fqp-frontend dig api.demo.test" in out
+            assert lab_mod.status().up
+        finally:
+            lab_mod.down(say=lambda _text: None)
+        assert netns.names(topology.PREFIX) == []

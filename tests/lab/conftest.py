@@ -1,7 +1,8 @@
 """Fixtures for the lab's root tests (tier 4): a lab that is up for a whole module.
 
 The lab's names are fixed (fqp-node, fqp-world, fqp-<pod>: the issue and the demo's commands
-name them), so a fixture first removes any lab left by an earlier run and always removes its own.
+name them), so a fixture holds the lab lock (demo and tests take turns), first removes any lab
+left by an earlier run and always removes its own.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def transparent_lab() -> Iterator[lab_mod.Lab]:
     """The demo lab (policies/demo.yaml, endpoints.demo.yaml) in transparent DNS mode."""
     require_lab_tools()
     require(lab_mod.transparent_available(), "this agent has no transparent mode")
-    lab_mod.down(say=lambda _text: None)
-    try:
-        yield lab_mod.up(lab_mod.LabSettings(dns_mode="transparent"), say=lambda _text: None)
-    finally:
+    with lab_mod.exclusive():
         lab_mod.down(say=lambda _text: None)
+        try:
+            yield lab_mod.up(lab_mod.LabSettings(dns_mode="transparent"), say=lambda _text: None)
+        finally:
+            lab_mod.down(say=lambda _text: None)

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,13 +27,16 @@ pytestmark = pytest.mark.root
 
 
 @pytest.fixture
-def state_dir(tmp_path: Path) -> Path:
+def state_dir(tmp_path: Path) -> Iterator[Path]:
     """A state directory of this test's own; any earlier lab is removed first and after."""
     require_lab_tools()
-    lab_mod.down(say=lambda _text: None)
-    directory = tmp_path / "lab"
-    yield directory
-    lab_mod.down(directory, say=lambda _text: None)
+    with lab_mod.exclusive():
+        lab_mod.down(say=lambda _text: None)
+        directory = tmp_path / "lab"
+        try:
+            yield directory
+        finally:
+            lab_mod.down(directory, say=lambda _text: None)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
