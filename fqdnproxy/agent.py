@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fqdnproxy import config as config_mod
-from fqdnproxy import exchange
+from fqdnproxy import exchange, handover
 from fqdnproxy import proxy as proxy_mod
 from fqdnproxy import ratelimit
 from fqdnproxy.admin import commands as admin_commands
@@ -96,6 +96,8 @@ class Agent:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _applied: Any = None  # datapath.policy_sync.DesiredState last written
     _redirected: Any = None  # datapath.redirect.Redirect installed
+    handover_server: handover.HandoverServer | None = None
+    _succeeded: bool = False  # a new agent took over: leave the redirection and snapshot alone
     _interrupts: int = 0
 
     # --- start ----------------------------------------------------------------------------------
@@ -107,15 +109,21 @@ class Agent:
             StartupError: a listener could not bind, a policy file is invalid, ...
         """
         cfg = self.config
-        if cfg.metrics.listen:  # first: /healthz answers, /readyz says what startup waits for
+        successor = bool(self._handover_path()) and handover.peer_running(
+            Path(self._handover_path()))
+        # First, so /healthz answers and /readyz says what startup waits for; when taking over
+        # from a running agent, its port is free only after the handover.
+        if cfg.metrics.listen and not successor:
             self._start_metrics_endpoint(cfg.metrics.listen)
         sink = self._open_audit()
         decider: exchange.Decider = exchange.AllowAll()
         learner: exchange.Learner = exchange.NoLearning()
+        inherited = None
         if cfg.policy.directory:
             self.store = self._load_policies()
             self.datapath = self._open_datapath() if cfg.datapath.enabled else None
             self.learner = self._build_learner()
+            inherited = await self._take_over() if successor else None
             self._restore()
             if self.datapath is not None:
                 await self._sync_datapath(initial=True)
@@ -124,6 +132,10 @@ class Agent:
                                                   self._audited)
             learner = self.learner
         self.readiness.mark("policies", "datapath", "cache")
+        if successor and inherited is None:
+            inherited = await self._take_over()
+        if cfg.metrics.listen and successor:
+            self._start_metrics_endpoint(cfg.metrics.listen)
         self.upstream = upstream_mod.UpstreamClient(_upstream_settings(cfg), self.metrics)
         await self.upstream.start()
         servers = [config_mod.parse_address(text) for text in cfg.upstream.servers]
@@ -144,7 +156,7 @@ class Agent:
                                            _listener_limits(cfg), tcp=cfg.dns.tcp,
                                            transparent=transparent)
         try:
-            await self.server.start()
+            await self.server.start(inherited)
         except OSError as error:
             await self.shutdown()
             raise StartupError(f"dns.listen: cannot bind: {error}") from None
@@ -153,11 +165,60 @@ class Agent:
         if transparent:
             await self._redirect()
         await self._start_admin()
+        self._offer_handover()
         self._start_background_tasks()
         self.readiness.mark("listeners")
         for protocol, ip, port in self.server.bound:
             log.info("listening on %s %s", protocol, _format(ip, port))
         log.info("forwarding to %s", ", ".join(cfg.upstream.servers))
+
+    # --- restarts without losing DNS (see handover.py) -----------------------------------------
+
+    async def _take_over(self) -> list[server_mod.ListenerSocket] | None:
+        path = Path(self._handover_path())
+        try:
+            inherited = await asyncio.to_thread(handover.take_over, path)
+        except handover.HandoverError as error:
+            raise StartupError(str(error)) from None
+        if inherited:
+            log.info("took over %d listening sockets from the running agent", len(inherited))
+        return inherited
+
+    def _handover_path(self) -> str:
+        state = self.config.state
+        if state.handover_socket != "auto":
+            return state.handover_socket
+        return f"{state.admin_socket}.handover" if state.admin_socket else ""
+
+    def _offer_handover(self) -> None:
+        path = self._handover_path()
+        if path:
+            self.handover_server = handover.HandoverServer(
+                Path(path), self._prepare_handover, self._handed_over)
+            self.handover_server.start()
+
+    async def _prepare_handover(self) -> list[server_mod.ListenerSocket]:
+        """A successor asks: give it a fresh snapshot and the ports it needs, then the sockets."""
+        log.info("a new agent takes over")
+        self.readiness.stopping()
+        if self.cache is not None:
+            await self.write_snapshot()
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
+        if self.http is not None:
+            self.http.close()
+            self.http = None
+        assert self.server is not None
+        return self.server.sockets
+
+    async def _handed_over(self) -> None:
+        """The successor has the sockets: stop reading them, finish what is in flight, exit."""
+        assert self.server is not None
+        self.server.stop_listening()
+        await self.server.drain(self.config.upstream.timeout + 1.0)
+        self._succeeded = True
+        self.stopping.set()
 
     def _open_audit(self) -> audit_mod.AuditSink:
         cfg = self.config
@@ -417,13 +478,16 @@ class Agent:
     async def shutdown(self) -> None:
         """Stop listening, settle what is in flight, snapshot, flush the audit log."""
         self.readiness.stopping()
-        await self._unredirect()  # first: pods' DNS goes straight to their servers again
+        if self.handover_server is not None:
+            self.handover_server.close()
+        if not self._succeeded:
+            await self._unredirect()  # first: pods' DNS goes straight to their servers again
         if self.server is not None:
             await self.server.stop()
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        if self.cache is not None:
+        if self.cache is not None and not self._succeeded:  # the successor snapshots now
             await self.write_snapshot()
         if self.upstream is not None:
             await self.upstream.close()

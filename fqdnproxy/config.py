@@ -172,6 +172,10 @@ class StateConfig:
         30.0, "write the cache snapshot this often (and at a clean stop)", "s")
     admin_socket: str = _opt(
         "/run/fqdnproxy/admin.sock", "the admin API's unix socket ('' for none)")
+    handover_socket: str = _opt(
+        "auto", "restarts without losing DNS: a new agent takes the running agent's listening "
+        "sockets over this unix socket; 'auto' is the admin socket's path plus '.handover', "
+        "'' for none")
 
 
 @dataclass(frozen=True)

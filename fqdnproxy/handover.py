@@ -40,6 +40,19 @@ class HandoverError(FqdnproxyError):
     """The running agent could not hand its sockets over."""
 
 
+def peer_running(path: Path) -> bool:
+    """Whether an agent waits for a successor on ``path`` (a connection that says nothing is
+    ignored by it)."""
+    if not path.is_socket():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def take_over(path: Path, timeout: float = TIMEOUT) -> list[ListenerSocket] | None:
     """Ask the agent serving ``path`` for its listening sockets; None when no agent runs there.
 

@@ -66,11 +66,31 @@ class TaskSet:
 
 
 class _UdpListener(asyncio.DatagramProtocol):
-    def __init__(self, handle: QueryHandler, tasks: TaskSet, local: tuple[str, int]) -> None:
+    def __init__(self, handle: QueryHandler, tasks: TaskSet, local: tuple[str, int],
+                 sock: socket.socket) -> None:
         self._handle = handle
         self._tasks = tasks
         self._local = local
+        self._sock = sock
         self._transport: asyncio.DatagramTransport | None = None
+        self._reply_sock: socket.socket | None = None  # for answers once reading has stopped
+
+    def stop_reading(self) -> None:
+        """Stop taking datagrams (a successor reads the socket now) but keep answering the
+        queries in flight, from a duplicate of the socket that nobody reads."""
+        if self._transport is None:
+            return
+        self._reply_sock = self._sock.dup()
+        self._transport.close()
+        self._transport = None
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        if self._reply_sock is not None:
+            self._reply_sock.close()
+            self._reply_sock = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -89,8 +109,15 @@ class _UdpListener(asyncio.DatagramProtocol):
         except Exception:  # the handler guards itself; this is the last line
             log.exception("udp handler failed")
             return
-        if reply is not None and self._transport is not None:
+        if reply is None:
+            return
+        if self._transport is not None:
             self._transport.sendto(reply, addr)
+        elif self._reply_sock is not None:
+            try:
+                self._reply_sock.sendto(reply, addr)
+            except OSError as error:  # a full buffer or a vanished client: it retries
+                log.debug("udp reply after handover: %s", error)
 
 
 # --- TCP --------------------------------------------------------------------------------------
@@ -332,6 +359,7 @@ class DnsServer:
         self.sockets: list[ListenerSocket] = []  # what a successor agent takes over
         self._inherited: list[ListenerSocket] = []
         self._closers: list[Callable[[], Any]] = []
+        self._udp_listeners: list[_UdpListener] = []
         self._tcp_listeners: list[_TcpListener] = []
         self._timer_task: asyncio.Task[None] | None = None
 
@@ -354,9 +382,11 @@ class DnsServer:
             _grow_receive_buffer(udp_sock)
             port = udp_sock.getsockname()[1]
             local = (ip, port)
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda local=local: _UdpListener(self._handle, self.tasks, local), sock=udp_sock)
-            self._closers.append(transport.close)
+            _, udp_listener = await loop.create_datagram_endpoint(
+                lambda local=local, sock=udp_sock: _UdpListener(self._handle, self.tasks, local,
+                                                                sock),
+                sock=udp_sock)
+            self._udp_listeners.append(udp_listener)
             self.bound.append(("udp", ip, port))
             self.sockets.append(ListenerSocket("udp", ip, port, udp_sock))
             if tcp_sock is not None:
@@ -412,6 +442,8 @@ class DnsServer:
         if self._timer_task is not None:
             self._timer_task.cancel()
             self._timer_task = None
+        for udp in self._udp_listeners:
+            udp.stop_reading()
         for close in self._closers:
             close()
         self._closers = []
@@ -434,6 +466,8 @@ class DnsServer:
             self._timer_task.cancel()
         for close in self._closers:
             close()
+        for udp in self._udp_listeners:
+            udp.close()
         for listener in self._tcp_listeners:
             for connection in list(listener.connections):
                 connection.close()

@@ -1,0 +1,86 @@
+"""A restart that loses no DNS: dnsperf runs while a new agent takes the running one's sockets.
+
+The old agent exits by itself once the new one has its listeners; dnsperf must see every query
+answered, and the cache the old agent learned must be in the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fqdnproxy import cli
+from fqdnproxy.lab import knot
+from fqdnproxy.lab.agent_process import AgentProcess
+from tests.conftest import require
+from tests.integration.test_agent_policy import INVENTORY, POLICY
+from tests.integration.test_knot import _knotd_present
+
+QUERIES = ["api.demo.test A", "www.demo.test A", "api.demo.test AAAA", "db.demo.test A"]
+
+
+@pytest.fixture(scope="module")
+def knot_server() -> Iterator[knot.KnotServer]:
+    require(_knotd_present(), "knotd not installed (apt package knot; run `make bootstrap`)")
+    port = knot.free_port(("127.0.0.1",))
+    with knot.KnotServer(listen=[("127.0.0.1", port)], workers=1) as server:
+        yield server
+
+
+def _cache_names(socket_path: Path) -> list[str]:
+    import io
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert cli.main(["cache", "list", "--socket", str(socket_path), "--output", "json"]) == 0
+    return [row["name"] for row in json.loads(out.getvalue())]
+
+
+def test_takeover_under_load_loses_no_query(knot_server: knot.KnotServer,
+                                            tmp_path: Path) -> None:
+    require(shutil.which("dnsperf") is not None, "dnsperf not installed (run `make bootstrap`)")
+    port = knot.free_port(("127.0.0.1",))
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "web.yaml").write_text(POLICY.format(port=port))
+    (tmp_path / "endpoints.yaml").write_text(INVENTORY)
+    admin = tmp_path / "admin.sock"
+    args = [
+        "--dns-listen", f"127.0.0.1:{port}",
+        "--upstream-servers", f"127.0.0.1:{knot_server.listen[0][1]}",
+        "--policy-directory", str(tmp_path / "policies"),
+        "--policy-endpoints", str(tmp_path / "endpoints.yaml"),
+        "--state-directory", str(tmp_path / "state"),
+        "--state-admin-socket", str(admin),
+        "--audit-path", str(tmp_path / "audit.jsonl"),
+        "--metrics-listen", "",
+    ]
+    queries = tmp_path / "queries.txt"
+    queries.write_text("\n".join(QUERIES) + "\n")
+    old = AgentProcess(args).start()
+    new = AgentProcess(args)
+    try:
+        # 127.0.0.2 is the inventory's endpoint: its answers are learned and cached.
+        perf = subprocess.Popen(
+            ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-a", "127.0.0.2", "-d", str(queries),
+             "-Q", "1000", "-l", "6", "-t", "3"], stdout=subprocess.PIPE, text=True)
+        time.sleep(2)
+        assert "api.demo.test." in _cache_names(admin)
+        new.start()  # takes the listeners; the old agent finishes and exits on its own
+        assert old._proc is not None and old._proc.wait(timeout=15) == 0
+        out, _ = perf.communicate(timeout=30)
+    finally:
+        new.stop()
+        old.stop()
+    sent = int(re.search(r"Queries sent:\s+(\d+)", out).group(1))
+    lost = int(re.search(r"Queries lost:\s+(\d+)", out).group(1))
+    assert sent >= 5000 and lost == 0, out
+    assert any("took over 2 listening sockets" in line for line in new.log)
+    assert any("handed 2 listening sockets" in line for line in old.log)
