@@ -9,7 +9,7 @@ ENV_FILE := $(VENV)/fqdnproxy.env
 # Exports BCC_KERNEL_SOURCE (written by scripts/bootstrap.sh) into a recipe's shell.
 WITH_ENV := set -a; . $(ENV_FILE); set +a;
 
-.PHONY: bootstrap test demo bench clean distclean
+.PHONY: bootstrap test demo bench fuzz clean distclean
 
 bootstrap:
 	scripts/bootstrap.sh
@@ -21,6 +21,13 @@ test: bootstrap
 
 demo: bootstrap
 	$(WITH_ENV) $(PYTHON) -m fqdnproxy.lab.demo
+
+# Coverage-guided fuzzing (atheris) of the wire parser and the whole query path; FUZZ_RUNS inputs.
+FUZZ_RUNS ?= 1000000
+fuzz: bootstrap
+	$(VENV)/bin/pip install -q atheris
+	mkdir -p .fuzz-corpus
+	$(PYTHON) fuzz/fuzz_query_path.py -atheris_runs=$(FUZZ_RUNS) -timeout=5 .fuzz-corpus fuzz/seeds
 
 bench: bootstrap
 	$(WITH_ENV) $(PYTHON) benchmarks/run.py
