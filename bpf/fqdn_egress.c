@@ -41,7 +41,9 @@
  *  - ICMP: echo requests are judged against the allow map with protocol ICMP/ICMPv6 (ports are
  *    ignored; the echo id stands in for the source port in `ct`). Error messages, echo replies,
  *    IPv6 neighbour discovery (133-137) and MLD (130-132, 143) pass: they answer traffic the
- *    endpoint received, and IPv6 stops working without NDP. Other ICMP types are dropped.
+ *    endpoint received, and IPv6 stops working without NDP. They pass from link-local and
+ *    unspecified sources too, which are no endpoint's (see link_local_control). Other ICMP
+ *    types are dropped.
  *  - DNS to the proxy is looked up only when a packet would otherwise be dropped, so allowed
  *    traffic never pays for it.
  */
@@ -423,6 +425,24 @@ static __always_inline int classify_icmp(struct flow *f)
     return ICMP_REFUSE;
 }
 
+/* IPv6 neighbour discovery and MLD sent from a link-local (fe80::/10) or the unspecified (::,
+ * duplicate address detection) source. Those addresses are no endpoint's, yet a pod cannot reach
+ * a link-local gateway (as most CNIs give it) without them. Nothing else passes from them. */
+static __always_inline int link_local_control(struct __sk_buff *skb, struct flow *f)
+{
+    if (f->family != 6)
+        return 0;
+    u8 *a = f->saddr;
+    int link_local = a[0] == 0xfe && (a[1] & 0xc0) == 0x80;
+    u64 *w = (u64 *)f->saddr;
+    if (!link_local && (w[0] | w[1]))
+        return 0;
+    if (parse_l4(skb, f) != PARSE_OK || f->protocol != IPPROTO_ICMPV6 || f->later_fragment)
+        return 0;
+    u8 t = f->icmp_type;
+    return (t >= 130 && t <= 137) || t == 143;
+}
+
 /* --- counters and events -------------------------------------------------------------------- */
 
 static __always_inline void count(u32 slot, u32 reason)
@@ -625,6 +645,10 @@ int fqdn_egress(struct __sk_buff *skb)
             o.endpoint_id = iv->endpoint_id;
             o.flags = iv->flags;
             o.slot = iv->slot;
+            if (link_local_control(skb, &f)) {
+                count(o.slot, REASON_PASS_ICMP_CONTROL);
+                return TC_ACT_OK;
+            }
             return deny(skb, &f, &o, REASON_DROP_SPOOFED);
         }
         return TC_ACT_OK;
