@@ -131,11 +131,14 @@ def test_no_way_around_the_proxy(lab: tuple[topo.Topology, Path]) -> None:
     assert _dig(t.pod1, "+tcp", "@203.0.113.1", "api.demo.test", "A")[0] == "REFUSED"
     # A name the policy does not allow, asked of the right server.
     assert _dig(t.pod1, f"@{DNS4}", "example.org", "A")[0] == "REFUSED"
-    # DNS-over-TLS, and connections to addresses never resolved, are dropped.
-    assert t.probe(t.pod1, f"tcp,{DNS4},853", "tcp,203.0.113.1,8080",
-                   "tcp,2001:db8:ff::1,8080") == [False, False, False]
+    # The same over IPv6: another server is refused, a refused name too.
+    assert _dig(t.pod1, "@2001:db8:ff::1", "api.demo.test", "AAAA")[0] == "REFUSED"
+    assert _dig(t.pod1, "+tcp", "@2001:db8:ff::1", "api.demo.test", "AAAA")[0] == "REFUSED"
+    # DNS-over-TLS, and connections to addresses never resolved, are dropped (both families).
+    assert t.probe(t.pod1, f"tcp,{DNS4},853", f"tcp,{DNS6},853", "tcp,203.0.113.1,8080",
+                   "tcp,2001:db8:ff::1,8080") == [False, False, False, False]
     # What pod1 resolved does not open anything for pod2.
     assert _dig(t.pod1, f"@{DNS4}", "api.demo.test", "A")[0] == "NOERROR"
     assert t.probe(t.pod2, "tcp,203.0.113.10,8080") == [False]
     dns = [r for r in _audit(state) if r["type"] in ("query", "answer")]
-    assert [r["verdict"] for r in dns][:4] == ["denied"] * 3 + ["allowed"]
+    assert [r["verdict"] for r in dns][:6] == ["denied"] * 5 + ["allowed"]
