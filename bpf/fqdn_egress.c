@@ -712,6 +712,17 @@ int fqdn_egress(struct __sk_buff *skb)
             count(o.slot, REASON_PASS_DNS);
             return TC_ACT_OK;
         }
+        /* The unspecified address (0.0.0.0, stored ::ffff:0.0.0.0, or ::) stands for any server
+         * on this port: transparent mode, where the node redirects every query to the proxy,
+         * which judges it against rules.dns. */
+        if (f.family == 4)
+            __builtin_memset(dk.addr + 12, 0, 4);
+        else
+            __builtin_memset(dk.addr, 0, 16);
+        if (dns_targets.lookup(&dk)) {
+            count(o.slot, REASON_PASS_DNS);
+            return TC_ACT_OK;
+        }
     }
     return deny(skb, &f, &o, reason);
 }

@@ -239,8 +239,7 @@ class Agent:
 
     def _load_policies(self) -> PolicyStore:
         cfg = self.config.policy
-        store = PolicyStore(cfg.directory, cfg.endpoints,
-                            redirected_dns=self.config.dns.mode == "transparent")
+        store = PolicyStore(cfg.directory, cfg.endpoints)
         try:
             current = store.load()
         except FqdnproxyError as error:
@@ -329,6 +328,10 @@ class Agent:
         for endpoint in self._store().current.registry:
             if endpoint.kind == "service":
                 targets += [(ip, 53) for ip in endpoint.ips]
+        if self.config.dns.mode == "transparent":
+            # Any server on port 53 (the all-zero address): the node redirects every such query
+            # to the proxy, which judges it against rules.dns.
+            targets += [("0.0.0.0", 53), ("::", 53)]
         return [(ip, port) for ip, port in targets if port]
 
     async def _sync_datapath(self, initial: bool = False) -> None:

@@ -241,13 +241,6 @@ class EndpointPolicy:
         }
 
 
-# Transparent mode: DNS to any server leaves the pod only to be caught by TPROXY and judged by
-# the proxy against the rules.dns rules; the datapath lets it through. Not a DNS rule itself.
-REDIRECTED_DNS = StaticRule(
-    RuleRef("(dns.mode transparent)", 0, "DNS redirected to the proxy", ""),
-    (_ALL_V4, _ALL_V6),
-    PortSet((model.PortRange("ANY", 53, 53),)))
-
 _DEFAULT_ALLOW = Decision(True, None, DEFAULT_ALLOW)
 _NO_RULE = Decision(False, None, NO_RULE)
 
@@ -255,14 +248,9 @@ _NO_RULE = Decision(False, None, NO_RULE)
 class PolicyEngine:
     """All endpoints' compiled policies for one policy set and one registry. Immutable."""
 
-    def __init__(self, policy_set: model.PolicySet, registry: endpoints.EndpointRegistry,
-                 redirected_dns: bool = False) -> None:
-        """``redirected_dns``: transparent mode, where the node hands every DNS query of an
-        enforced endpoint (any server, port 53) to the proxy, which applies the DNS rules; the
-        datapath must then let port 53 out to any address (``REDIRECTED_DNS``)."""
+    def __init__(self, policy_set: model.PolicySet, registry: endpoints.EndpointRegistry) -> None:
         self.policy_set = policy_set
         self.registry = registry
-        self.redirected_dns = redirected_dns
         self._peer_ips: dict[int, frozenset[str]] = {}
         self._by_id: dict[int, EndpointPolicy] = {}
         dns_servers = [ip for ep in registry if ep.kind == "service" for ip in ep.ips]
@@ -319,8 +307,6 @@ class PolicyEngine:
                     deny_names.append((ref, selector))
                 for cidr in deny.to_cidr:
                     denies.append(StaticRule(deny.ref, (cidr.cidr,), deny.ports, cidr.excepts))
-        if enforced and self.redirected_dns:
-            allows.append(REDIRECTED_DNS)
         return EndpointPolicy(endpoint, enforced, tuple(p.label for p in selecting), tuple(allows),
                               tuple(denies), tuple(fqdn_rules), tuple(deny_names), tuple(dns_rules))
 

@@ -73,9 +73,7 @@ class ReloadResult:
 class PolicyStore:
     """The serving snapshot of the policy directory (or files) and the endpoints file."""
 
-    def __init__(self, policy_paths: Sequence[str | Path] | str | Path, endpoints_file: str | Path,
-                 redirected_dns: bool = False) -> None:
-        self.redirected_dns = redirected_dns  # see engine.PolicyEngine
+    def __init__(self, policy_paths: Sequence[str | Path] | str | Path, endpoints_file: str | Path) -> None:
         if isinstance(policy_paths, (str, Path)):
             policy_paths = [policy_paths]
         self.policy_paths = [Path(p) for p in policy_paths]
@@ -166,4 +164,4 @@ class PolicyStore:
         if problems or registry is None:
             raise ReloadError(problems)
         policy_set = report.policy_set()
-        return Snapshot(version, policy_set, registry, engine.PolicyEngine(policy_set, registry, self.redirected_dns), digest)
+        return Snapshot(version, policy_set, registry, engine.PolicyEngine(policy_set, registry), digest)
