@@ -150,6 +150,9 @@ class CacheConfig:
     min_ttl: int = _opt(
         60, "floor on a learned IP's lifetime, so even a TTL-0 answer lets the connection "
         "that follows it (and clients that cache for a while) through", "s")
+    ttl_headroom: float = _opt(
+        0.1, "a learned IP's entry is written to last its TTL plus this fraction of it, so "
+        "repeat lookups within that margin cost no map write (0: write on every lookup)")
     max_ips_per_name: int = _opt(
         1_000, "IPs kept per endpoint and name; past it the soonest to expire goes", "IPs")
     max_names_per_endpoint: int = _opt(
@@ -427,6 +430,9 @@ def _validate(config: AgentConfig, origin: str) -> None:
     for where, value in positive:
         if value <= 0:
             raise ConfigError(f"{origin}: {where}: must be greater than 0, got {value}")
+    if not 0 <= config.cache.ttl_headroom <= 1:
+        raise ConfigError(f"{origin}: cache.ttl_headroom: must be 0..1, got "
+                          f"{config.cache.ttl_headroom}")
     if config.cache.min_ttl < 0:
         raise ConfigError(f"{origin}: cache.min_ttl: must be 0 or more, got {config.cache.min_ttl}")
     if bool(config.policy.directory) != bool(config.policy.endpoints):

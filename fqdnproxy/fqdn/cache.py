@@ -120,13 +120,17 @@ class FqdnCache:
 
     # --- writing ------------------------------------------------------------------------------
 
-    def learn(self, endpoint_id: int, name: str, addresses: Iterable[tuple[str, int]]
-              ) -> set[str]:
+    def learn(self, endpoint_id: int, name: str, addresses: Iterable[tuple[str, int]],
+              now_ns: int = 0, headroom: float = 0.0) -> set[str]:
         """Record ``addresses`` ((ip, expiry_ns) pairs) under ``name`` for ``endpoint_id``.
 
         An IP already known under the name keeps the later of its two expiries. Returns every IP
         of this endpoint whose holders or expiry may have changed (learned or evicted), for the
         caller to rewrite in the allow map.
+
+        ``headroom`` (a fraction of the lifetime ``expiry - now_ns``) is added to an expiry when
+        it has to be raised: repeat lookups within that headroom need no raise, so they cost the
+        allow map no write, at the price of an entry outliving its TTL by that fraction.
         """
         endpoint = self._endpoints.get(endpoint_id)
         if endpoint is None:
@@ -141,14 +145,14 @@ class FqdnCache:
         heap = self._heap
         for ip, expiry in addresses:
             old = ips.get(ip)
+            if old is not None and expiry <= old:
+                continue
+            if headroom:
+                expiry += int((expiry - now_ns) * headroom)
+            ips[ip] = expiry
             if old is None:
-                ips[ip] = expiry
                 _add_holder(endpoint.holders, ip, name)
                 self._entries += 1
-            elif expiry > old:
-                ips[ip] = expiry
-            else:
-                continue
             heapq.heappush(heap, (expiry, endpoint_id, name, ip))
             touched.add(ip)
         if len(ips) > self.limits.max_ips_per_name:

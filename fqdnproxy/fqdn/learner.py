@@ -40,6 +40,7 @@ class LearnSettings:
     """See ``config.CacheConfig`` for the documented defaults."""
 
     min_ttl: int = 60  # seconds
+    ttl_headroom: float = 0.1  # an entry may outlive its TTL by this fraction (FqdnCache.learn)
 
 
 def describe_ports(ranges: Iterable[PortRange]) -> str:
@@ -81,7 +82,8 @@ class AllowLearner:
         endpoint_id = decision.endpoint.id
         touched = self.cache.learn(
             endpoint_id, exchange.query.question.name,
-            [(a.ip, now + max(a.ttl, floor) * NS) for a in response.addresses])
+            [(a.ip, now + max(a.ttl, floor) * NS) for a in response.addresses],
+            now, self.settings.ttl_headroom)
         if not decision.policy.enforced or not touched:
             return ()
         # The answer's own IPs never need a delete: had no rule selected them before, nothing

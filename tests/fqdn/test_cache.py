@@ -94,3 +94,16 @@ def test_heap_stays_within_twice_the_entries_under_refresh_storms() -> None:
     for t in range(5_000):
         cache.learn(1, "hot.test.", [("192.0.2.1", (t + 1) * S)])
     assert len(cache._heap) <= 2 * len(cache) + 1024
+
+
+def test_headroom_spares_repeat_lookups_a_raise() -> None:
+    cache = FqdnCache()
+    assert cache.learn(1, "a.test.", [("192.0.2.1", 100 * S)], now_ns=0, headroom=0.1) == {
+        "192.0.2.1"}
+    assert cache.ips(1, "a.test.") == {"192.0.2.1": 110 * S}
+    # 5 s later the same TTL needs 105 s: within the 110 s granted, nothing to write.
+    assert cache.learn(1, "a.test.", [("192.0.2.1", 105 * S)], now_ns=5 * S, headroom=0.1) == set()
+    # 20 s later it needs 120 s: raised, with new headroom.
+    assert cache.learn(1, "a.test.", [("192.0.2.1", 120 * S)], now_ns=20 * S, headroom=0.1) == {
+        "192.0.2.1"}
+    assert cache.ips(1, "a.test.") == {"192.0.2.1": 130 * S}
