@@ -26,6 +26,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from fqdnproxy.admin import client
 from fqdnproxy.dns.server import ListenerSocket
 from fqdnproxy.errors import FqdnproxyError
 
@@ -41,16 +42,8 @@ class HandoverError(FqdnproxyError):
 
 
 def peer_running(path: Path) -> bool:
-    """Whether an agent waits for a successor on ``path`` (a connection that says nothing is
-    ignored by it)."""
-    if not path.is_socket():
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
+    """Whether an agent waits for a successor on ``path``."""
+    return client.answers(path)
 
 
 def take_over(path: Path, timeout: float = TIMEOUT) -> list[ListenerSocket] | None:

@@ -17,6 +17,19 @@ class AdminError(FqdnproxyError):
     """The agent could not be asked, or answered with an error."""
 
 
+def answers(path: Path) -> bool:
+    """Whether something accepts connections on the unix socket ``path`` (a connection that
+    says nothing is ignored by the agent's servers)."""
+    if not path.is_socket():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def call(path: Path, command: str, args: dict[str, Any] | None = None) -> Any:
     """Send one command to the agent listening on ``path``; its result.
 

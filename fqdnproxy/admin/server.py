@@ -5,28 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from fqdnproxy.admin import client
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Mapping[str, Any]], Any | Awaitable[Any]]
 MAX_REQUEST = 64 * 1024  # bytes; requests are small commands
 REQUEST_TIMEOUT = 5.0  # s to send a request line
-
-
-def _answers(path: Path) -> bool:
-    """Whether something accepts connections on the unix socket ``path``."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 class AdminServer:
@@ -45,7 +36,7 @@ class AdminServer:
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_socket():
-            if _answers(self.path):
+            if client.answers(self.path):
                 raise OSError(f"{self.path} is in use: another agent is running")
             self.path.unlink()  # left by an agent that was killed
         old_umask = os.umask(0o077)  # the socket is created 0600

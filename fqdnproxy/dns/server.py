@@ -407,7 +407,9 @@ class DnsServer:
 
     async def _start_transparent(self, ip: str, port: int) -> None:
         """UDP and TCP listeners for queries TPROXY redirects to ``ip``:``port``."""
-        udp_sock = self._take("udp-transparent", ip, port) or transparent_mod.bind_udp(ip, port)
+        udp_sock = (self._take("udp-transparent", ip, port)
+                    or _bind(ip, port, socket.SOCK_DGRAM, transparent=True))
+        transparent_mod.report_original_destination(udp_sock)
         _grow_receive_buffer(udp_sock)
         udp = transparent_mod.TransparentUdpListener(udp_sock, self._handle, self.tasks,
                                                      self._metrics)

@@ -45,24 +45,12 @@ def make_transparent(sock: socket.socket, family: int) -> None:
         sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
 
 
-def bind_udp(ip: str, port: int) -> socket.socket:
-    """A transparent UDP listener on ``ip``:``port`` that reports original destinations."""
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        make_transparent(sock, family)
-        if family == socket.AF_INET6:
-            sock.setsockopt(SOL_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.setsockopt(SOL_IPV6, IPV6_RECVORIGDSTADDR, 1)
-        else:
-            sock.setsockopt(SOL_IP, IP_RECVORIGDSTADDR, 1)
-        sock.bind((ip, port))
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+def report_original_destination(sock: socket.socket) -> None:
+    """Make a transparent UDP listener deliver each datagram's original destination."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(SOL_IPV6, IPV6_RECVORIGDSTADDR, 1)
+    else:
+        sock.setsockopt(SOL_IP, IP_RECVORIGDSTADDR, 1)
 
 
 def original_destination(ancillary: list[tuple[int, int, bytes]]) -> tuple[str, int] | None:
