@@ -132,7 +132,7 @@ def wait_answers(ip: str, port: int, timeout: float = 15.0, name: str = "api.dem
 def dnsmasq(port: int, upstream: int, workdir: Path, nftset: bool) -> Iterator[list[str]]:
     """dnsmasq forwarding to knot with its cache off (optionally with nftset); yields its argv."""
     argv = ["dnsmasq", "-k", "--no-resolv", "--no-hosts", "--cache-size=0",
-            f"--server=127.0.0.1#{upstream}", f"--listen-address=127.0.0.1", "--bind-interfaces",
+            f"--server=127.0.0.1#{upstream}", "--listen-address=127.0.0.1", "--bind-interfaces",
             f"--port={port}", "--user=root", "--pid-file=",
             # Default is 150: with 800 queries outstanding dnsmasq would drop most of them.
             "--dns-forward-max=1024", f"--log-facility={workdir / f'dnsmasq-{port}.log'}"]

@@ -211,7 +211,7 @@ def sections(data: dict[str, Any]) -> list[dict[str, Any]]:
         ("dnsperf pass: queries/s, lost, response codes", f"{d['qps']:,.0f}, {d['lost']:,}, {d['rcodes']}"),
         ("agent RSS after the pass (MB)", d["rss_mb"]),
         ("kernel memory of the agent's pinned maps (MB, memlock)", d.get("map_memlock_mb")),
-        (f"cache-only pass (no datapath): cache entries, agent RSS (MB)",
+        ("cache-only pass (no datapath): cache entries, agent RSS (MB)",
          f"{int(c['cache_entries'] or 0):,}, {c['rss_mb']:,.0f}"),
         (f"kernel memory of all maps, allow maps sized and filled to {f['entries']:,} /32s (MB, memlock)",
          f["memlock_mb"]),

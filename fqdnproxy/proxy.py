@@ -36,13 +36,14 @@ from fqdnproxy import ratelimit
 from fqdnproxy.dns import upstream as upstream_mod
 from fqdnproxy.dns import wire
 from fqdnproxy.exchange import (
-    AllowAll, AllowedIp, Client, Decider, Decision, Exchange, Learner, LearnError, NoLearning,
+    AllowAll, AllowedIp, Client, Decider, Exchange, Learner, LearnError, NoLearning,
     Server)
 from fqdnproxy.observe import metrics as metrics_mod
 from fqdnproxy.observe.audit import AuditRecord, AuditSink
 from fqdnproxy.observe.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
 
 class Router(Protocol):
     """Where a client's query goes upstream."""
@@ -117,7 +118,7 @@ class Proxy:
 
     async def _handle(self, data: bytes, client: Client) -> bytes | None:
         received = time.monotonic()
-        query = self._read(data, client)
+        query = self._read(data)
         if query is None:
             return self._malformed_reply(data)
         if self._buckets is not None and not self._buckets.allow(client.ip, received):
@@ -195,7 +196,7 @@ class Proxy:
             time.monotonic() - started)
         return answer
 
-    def _read(self, data: bytes, client: Client) -> wire.Query | None:
+    def _read(self, data: bytes) -> wire.Query | None:
         try:
             query = wire.parse_query(data)
         except wire.WireError:

@@ -11,7 +11,6 @@ A new process's load() reuses the pins; its attach() replaces the program in pla
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass

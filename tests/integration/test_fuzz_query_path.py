@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import uvloop

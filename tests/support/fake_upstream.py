@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from dnslib import AAAA, EDNS0, QTYPE, RR, A, DNSRecord
