@@ -173,3 +173,17 @@ def test_snapshot_survives_a_clean_stop_and_a_kill(setup: Setup) -> None:
         agent.stop(signal.SIGKILL)
     with setup.agent():
         assert [r["name"] for r in setup.cache()] == ["www.demo.test."]  # the last snapshot
+
+
+def test_an_unwritable_state_directory_is_logged_and_dns_goes_on(
+        setup: Setup, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the state directory should be")
+    setup.state = blocker / "state"
+    agent = setup.agent()
+    agent.args = [*agent.args, "--state-snapshot-interval", "0.2"]
+    with agent:
+        assert setup.ask("api.demo.test").rr
+        assert _wait_for(lambda: any("snapshot: cannot write" in line for line in agent.log))
+        assert setup.ask("www.demo.test").rr  # DNS keeps working
+    assert agent.stop() == 0
