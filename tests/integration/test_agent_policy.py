@@ -187,3 +187,30 @@ def test_an_unwritable_state_directory_is_logged_and_dns_goes_on(
         assert _wait_for(lambda: any("snapshot: cannot write" in line for line in agent.log))
         assert setup.ask("www.demo.test").rr  # DNS keeps working
     assert agent.stop() == 0
+
+
+def test_garbage_policies_under_load_change_nothing(setup: Setup) -> None:
+    import threading
+
+    policy = setup.policies / "web.yaml"
+    good = policy.read_text()
+    results: list[int] = []
+
+    def load() -> None:
+        for _ in range(3000):  # about as long as the four swaps below
+            try:
+                results.append(setup.ask("api.demo.test").header.rcode)
+            except OSError:
+                results.append(-1)  # no answer
+
+    with setup.agent() as agent:
+        worker = threading.Thread(target=load)
+        worker.start()
+        for garbage in ("spec: [not, a, policy\n", "", "apiVersion: cilium.io/v2\nkind: Cilium",
+                        good.replace("matchName: api.demo.test", "matchName: '*bad*'")):
+            policy.write_text(garbage)
+            time.sleep(0.4)  # two reload intervals
+        worker.join()
+        rejected = sum("rejected" in line for line in agent.log)
+    assert rejected >= 3
+    assert results == [0] * len(results)  # every query answered NOERROR by the old policy

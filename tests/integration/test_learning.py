@@ -356,3 +356,31 @@ async def test_repeat_lookups_within_the_headroom_cost_no_map_write(rig: Rig) ->
     for _ in range(3):
         await rig.ask("api.allowed.test", WEB1)
     assert rig.entry(1, "203.0.113.10") == first  # not rewritten: still covers TTL 300 from now
+
+
+async def test_a_full_kernel_map_gives_servfail_with_the_reason(
+        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    import os
+
+    require(os.geteuid() == 0, "the kernel allow map needs root and BPF")
+    from fqdnproxy.datapath.egress import EgressDatapath, Options
+
+    with private_bpffs(tmp_path_factory.mktemp("bpffs-small")) as mount:
+        small = EgressDatapath.load(mount / "fqdnproxy-small", Options(allow_max=16))
+        try:
+            rig = await make_rig(tmp_path, allow_map=small)
+            try:
+                rig.upstream.add(*(f"many.test. 120 IN A 198.51.100.{i}" for i in range(1, 41)))
+                request = DNSRecord.question("many.test")
+                request.add_ar(EDNS0(udp_len=4096))
+                answer = await udp_query(rig.address, request, source=WEB1)
+                assert answer is not None and answer.header.rcode == wire.Rcode.SERVFAIL
+                assert "allow map refused" in rig.audit.records[-1].reason
+                # The agent goes on: a small answer still fits and is answered.
+                rig.upstream.add("api.allowed.test. 300 IN A 203.0.113.10")
+                small.delete_allows([e.key for e in small.dump()])
+                assert (await rig.ask("api.allowed.test", WEB1)).rr
+            finally:
+                await close(rig)
+        finally:
+            small.close()
