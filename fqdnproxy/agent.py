@@ -239,7 +239,9 @@ class Agent:
 
     def _load_policies(self) -> PolicyStore:
         cfg = self.config.policy
-        store = PolicyStore(cfg.directory, cfg.endpoints)
+        # A change is read once its files have been still for half a reload interval (at most
+        # 1 s): a file caught half-written is never taken for a complete one.
+        store = PolicyStore(cfg.directory, cfg.endpoints, settle=min(1.0, cfg.reload_interval / 2))
         try:
             current = store.load()
         except FqdnproxyError as error:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Mapping, Sequence
@@ -73,7 +74,12 @@ class ReloadResult:
 class PolicyStore:
     """The serving snapshot of the policy directory (or files) and the endpoints file."""
 
-    def __init__(self, policy_paths: Sequence[str | Path] | str | Path, endpoints_file: str | Path) -> None:
+    def __init__(self, policy_paths: Sequence[str | Path] | str | Path, endpoints_file: str | Path,
+                 settle: float = 0.0) -> None:
+        """``settle``: seconds a changed file must stay untouched before it is read, so a file
+        caught half-written (``rm *; cp new/* .``, an editor saving in steps) is not taken for
+        a complete one that happens to be valid."""
+        self.settle = settle
         if isinstance(policy_paths, (str, Path)):
             policy_paths = [policy_paths]
         self.policy_paths = [Path(p) for p in policy_paths]
@@ -108,6 +114,8 @@ class PolicyStore:
             stat = self._fingerprint()
             if stat == self._stat:
                 return ReloadResult("unchanged", current)
+            if self.settle and _newest(stat) > time.time_ns() - int(self.settle * 1e9):
+                return ReloadResult("unchanged", current)  # still being written: next poll
             texts, digest = self._read()
             if digest in (current.digest, self._rejected_digest):
                 self._stat = stat
@@ -125,7 +133,7 @@ class PolicyStore:
     def _files(self) -> list[Path]:
         return load.policy_files(self.policy_paths)
 
-    def _fingerprint(self) -> tuple[object, ...]:
+    def _fingerprint(self) -> tuple[tuple[object, ...], ...]:
         entries: list[object] = []
         for path in [*self.policy_paths, *self._files(), self.endpoints_file]:
             try:
@@ -165,3 +173,8 @@ class PolicyStore:
             raise ReloadError(problems)
         policy_set = report.policy_set()
         return Snapshot(version, policy_set, registry, engine.PolicyEngine(policy_set, registry), digest)
+
+
+def _newest(fingerprint: tuple[tuple[object, ...], ...]) -> int:
+    """The latest modification time (ns) in a fingerprint; 0 when no file has one."""
+    return max((entry[1] for entry in fingerprint if isinstance(entry[1], int)), default=0)

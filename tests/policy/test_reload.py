@@ -158,3 +158,18 @@ def test_initial_load_of_an_empty_directory_fails(tmp_path: Path) -> None:
         store.load()
     assert error.value.problems == (
         f"{tmp_path / 'policies'}: no policies found: no policy files (*.yaml, *.yml); {EMPTY_SET}",)
+
+
+def test_a_change_is_read_only_once_its_files_stand_still(tmp_path: Path) -> None:
+    (tmp_path / "policies").mkdir()
+    write(tmp_path / "policies" / "web.yaml", POLICY)
+    write(tmp_path / "endpoints.yaml", INVENTORY)
+    settling = reload.PolicyStore(tmp_path / "policies", tmp_path / "endpoints.yaml", settle=60)
+    settling.load()
+    policy = tmp_path / "policies" / "web.yaml"
+    # Caught half-written: valid YAML, a valid policy, but not the one being written.
+    policy.write_text(POLICY.replace('"443"', '"8443"'))
+    assert settling.check_for_changes().status == "unchanged"  # written just now: wait
+    stat = policy.stat()
+    os.utime(policy, ns=(stat.st_atime_ns, stat.st_mtime_ns - 120 * 10**9))  # still since
+    assert settling.check_for_changes().status == "reloaded"
