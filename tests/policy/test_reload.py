@@ -170,6 +170,7 @@ def test_a_change_is_read_only_once_its_files_stand_still(tmp_path: Path) -> Non
     # Caught half-written: valid YAML, a valid policy, but not the one being written.
     policy.write_text(POLICY.replace('"443"', '"8443"'))
     assert settling.check_for_changes().status == "unchanged"  # written just now: wait
-    stat = policy.stat()
-    os.utime(policy, ns=(stat.st_atime_ns, stat.st_mtime_ns - 120 * 10**9))  # still since
+    for path in (policy, tmp_path / "policies", tmp_path / "endpoints.yaml"):  # still since
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns - 120 * 10**9))
     assert settling.check_for_changes().status == "reloaded"
