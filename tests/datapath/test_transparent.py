@@ -8,6 +8,7 @@ proxy through nftables TPROXY, and the answer comes back from that server's addr
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from tests.support.audit_schema import validate
 pytestmark = pytest.mark.root
 
 DNS4, DNS6 = "203.0.113.9", "2001:db8:ff::3"
-ECHO_PORTS = (8080, 8081, 853)
+ECHO_PORTS = (8080, 8081, 853, 5353)
 
 POLICY = """\
 apiVersion: cilium.io/v2
@@ -124,7 +125,7 @@ def test_pods_query_their_server_and_the_answer_comes_from_it(
     assert all(r["endpoint"]["name"] == "pod1" for r in records)
 
 
-def test_no_way_around_the_proxy(lab: tuple[topo.Topology, Path]) -> None:
+def test_no_way_around_the_proxy(lab: tuple[topo.Topology, Path], pin_dir: Path) -> None:
     t, state = lab
     # Another server on port 53 is redirected too; the policy allows DNS to kube-dns only.
     assert _dig(t.pod1, "@203.0.113.1", "api.demo.test", "A")[0] == "REFUSED"
@@ -134,12 +135,19 @@ def test_no_way_around_the_proxy(lab: tuple[topo.Topology, Path]) -> None:
     # The same over IPv6: another server is refused, a refused name too.
     assert _dig(t.pod1, "@2001:db8:ff::1", "api.demo.test", "AAAA")[0] == "REFUSED"
     assert _dig(t.pod1, "+tcp", "@2001:db8:ff::1", "api.demo.test", "AAAA")[0] == "REFUSED"
-    # DNS-over-TLS, and connections to addresses never resolved, are dropped (both families).
-    assert t.probe(t.pod1, f"tcp,{DNS4},853", f"tcp,{DNS6},853", "tcp,203.0.113.1,8080",
-                   "tcp,2001:db8:ff::1,8080") == [False, False, False, False]
+    # DNS-over-TLS, DNS over TCP to another port, and connections to addresses never resolved,
+    # are dropped (both families); the echo servers listen on all of those.
+    assert t.probe(t.pod1, f"tcp,{DNS4},853", f"tcp,{DNS6},853", f"tcp,{DNS4},5353",
+                   f"udp,{DNS4},5353", "tcp,203.0.113.1,8080",
+                   "tcp,2001:db8:ff::1,8080") == [False] * 6
     # What pod1 resolved does not open anything for pod2.
     assert _dig(t.pod1, f"@{DNS4}", "api.demo.test", "A")[0] == "NOERROR"
     assert t.probe(t.pod2, "tcp,203.0.113.10,8080") == [False]
+    # Only the IPv4 answer was learned: nothing opens the name's IPv6 address.
+    dump = netns.run(t.node, sys.executable, "-m", "fqdnproxy", "map", "dump", "--pin-dir",
+                     str(pin_dir), "--output", "json").stdout
+    learned = {row["prefix"] for row in json.loads(dump) if row["endpoint"] == 1}
+    assert "203.0.113.10/32" in learned and "2001:db8::10/128" not in learned
     records = _audit(state)
     drops = {(r["destination"]["ip"], r["destination"]["port"]): r["reason"]
              for r in records if r["type"] == "drop"}
