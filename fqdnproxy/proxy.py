@@ -100,6 +100,8 @@ class Proxy:
         self._in_flight = 0
         self._buckets = (ratelimit.TokenBuckets(settings.rate_limit)
                          if settings.rate_limit is not None else None)
+        if self._buckets is not None:
+            metrics.watch_rate_limit(self._buckets)
         # Read at scrape time: no gauge update on every query.
         metrics.in_flight.set_function(lambda: self._in_flight)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from fqdnproxy import config
 from fqdnproxy.fqdn import learner
+from fqdnproxy.ratelimit import RateLimit, TokenBuckets
 from fqdnproxy.fqdn.cache import FqdnCache
 from fqdnproxy.observe.datapath_metrics import DatapathCollector
 from fqdnproxy.observe.metrics import Metrics
@@ -22,6 +23,7 @@ def test_every_option_is_documented() -> None:
 def test_every_metric_is_documented() -> None:
     metrics = Metrics()
     metrics.watch_cache(FqdnCache(), learner.memo_sizes)
+    metrics.watch_rate_limit(TokenBuckets(RateLimit()))
     datapath = DatapathCollector(dict).describe()  # the datapath's families, without a kernel
     for family in [*metrics.registry.collect(), *datapath]:
         name = family.name + ("_total" if family.type == "counter" else "")

@@ -134,6 +134,14 @@ class Metrics:
         """
         self.registry.register(_CacheCollector(cache, memo_sizes or dict))
 
+    def watch_rate_limit(self, buckets: Any) -> None:
+        """Export the per-client rate limiter's size and evictions (``ratelimit.TokenBuckets``);
+        one limiter per registry (a second is not exported)."""
+        try:
+            self.registry.register(_RateLimitCollector(buckets))
+        except ValueError:  # already exported by another proxy on this registry
+            pass
+
     def watch_datapath(self, datapath: Any) -> None:
         """Export the datapath's per-CPU counters and allow-map sizes, read at scrape time.
 
@@ -185,3 +193,23 @@ class _CacheCollector:
         for memo, size in self._memo_sizes().items():
             memos.add_metric([memo], size)
         yield memos
+
+
+class _RateLimitCollector:
+    """``fqdnproxy_rate_limit_*``: read from a ``ratelimit.TokenBuckets`` at scrape time."""
+
+    def __init__(self, buckets: Any) -> None:
+        self._buckets = buckets
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        yield GaugeMetricFamily("fqdnproxy_rate_limit_clients",
+                                "Client addresses with a token bucket (capped; the oldest goes)",
+                                value=len(self._buckets))
+        yield CounterMetricFamily("fqdnproxy_rate_limit_evictions",
+                                  "Token buckets dropped because the client cap was reached",
+                                  value=self._buckets.evictions)
