@@ -24,35 +24,13 @@ from tests.conftest import require
 from tests.datapath import topology as topo
 from tests.support import netns
 from tests.support.audit_schema import validate
+from tests.support.policies import web_policy
 
 pytestmark = pytest.mark.root
 
 KNOT = ("203.0.113.9", 5353)
 
-POLICY = """\
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: web, namespace: demo}
-spec:
-  endpointSelector:
-    matchLabels: {app: web}
-  egress:
-    - toEndpoints:
-        - matchLabels:
-            "k8s:io.kubernetes.pod.namespace": kube-system
-            "k8s:k8s-app": kube-dns
-      toPorts:
-        - ports: [{port: "53", protocol: ANY}]
-          rules:
-            dns:
-              - matchName: api.demo.test
-              - matchName: www.demo.test
-    - toFQDNs:
-        - matchName: api.demo.test
-        - matchName: www.demo.test
-      toPorts:
-        - ports: [{port: "8080", protocol: TCP}]
-"""
+POLICY = web_policy(["matchName: api.demo.test", "matchName: www.demo.test"], ["matchName: api.demo.test", "matchName: www.demo.test"], fqdn_port=8080)
 
 INVENTORY = """\
 endpoints:

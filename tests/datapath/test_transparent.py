@@ -20,34 +20,15 @@ from tests.conftest import require
 from tests.datapath import topology as topo
 from tests.support import netns
 from tests.support.audit_schema import validate
+from tests.support.policies import web_policy
 
 pytestmark = pytest.mark.root
 
 DNS4, DNS6 = "203.0.113.9", "2001:db8:ff::3"
 ECHO_PORTS = (8080, 8081, 853, 5353)
 
-POLICY = """\
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: web, namespace: demo}
-spec:
-  endpointSelector:
-    matchLabels: {app: web}
-  egress:
-    - toEndpoints:
-        - matchLabels:
-            "k8s:io.kubernetes.pod.namespace": kube-system
-            "k8s:k8s-app": kube-dns
-      toPorts:
-        - ports: [{port: "53", protocol: ANY}]
-          rules:
-            dns:
-              - matchPattern: "*.demo.test"
-    - toFQDNs:
-        - matchName: api.demo.test
-      toPorts:
-        - ports: [{port: "8080", protocol: TCP}]
-"""
+POLICY = web_policy(['matchPattern: "*.demo.test"'], ["matchName: api.demo.test"],
+                    fqdn_port=8080)
 
 INVENTORY = f"""\
 endpoints:

@@ -20,33 +20,14 @@ from fqdnproxy.lab.agent_process import AgentProcess
 from tests.conftest import require
 from tests.integration.test_knot import _knotd_present
 from tests.support.audit_schema import validate
+from tests.support.policies import web_policy
 
 WEB, STRANGER = "127.0.0.2", "127.0.0.9"
 
-POLICY = """\
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {{name: web, namespace: demo}}
-spec:
-  endpointSelector:
-    matchLabels: {{app: web}}
-  egress:
-    - toEndpoints:
-        - matchLabels:
-            "k8s:io.kubernetes.pod.namespace": kube-system
-            "k8s:k8s-app": kube-dns
-      toPorts:
-        - ports: [{{port: "{port}", protocol: ANY}}]
-          rules:
-            dns:
-              - matchName: api.demo.test
-              - matchName: www.demo.test
-    - toFQDNs:
-        - matchName: api.demo.test
-        - matchName: www.demo.test
-      toPorts:
-        - ports: [{{port: "443", protocol: TCP}}]
-"""
+def policy(port: int) -> str:
+    """DNS to kube-dns (the proxy, on ``port``) for api and www; their IPs on TCP 443."""
+    names = ["matchName: api.demo.test", "matchName: www.demo.test"]
+    return web_policy(names, names, dns_port=port)
 
 INVENTORY = """\
 endpoints:
@@ -117,7 +98,7 @@ def setup(knot_server: knot.KnotServer, tmp_path: Path) -> Setup:
     port = knot.free_port(("127.0.0.1",))
     policies = tmp_path / "policies"
     policies.mkdir()
-    (policies / "web.yaml").write_text(POLICY.format(port=port))
+    (policies / "web.yaml").write_text(policy(port))
     (tmp_path / "endpoints.yaml").write_text(INVENTORY)
     return Setup(port, knot_server.listen[0][1], policies, tmp_path / "state",
                  tmp_path / "admin.sock", tmp_path / "audit.jsonl")

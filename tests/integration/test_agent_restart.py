@@ -20,7 +20,7 @@ from fqdnproxy import cli
 from fqdnproxy.lab import knot
 from fqdnproxy.lab.agent_process import AgentProcess
 from tests.conftest import require
-from tests.integration.test_agent_policy import INVENTORY, POLICY
+from tests.integration.test_agent_policy import INVENTORY, policy
 from tests.integration.test_knot import _knotd_present
 
 QUERIES = ["api.demo.test A", "www.demo.test A", "api.demo.test AAAA", "db.demo.test A"]
@@ -49,7 +49,7 @@ def test_takeover_under_load_loses_no_query(knot_server: knot.KnotServer,
     require(shutil.which("dnsperf") is not None, "dnsperf not installed (run `make bootstrap`)")
     port = knot.free_port(("127.0.0.1",))
     (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "web.yaml").write_text(POLICY.format(port=port))
+    (tmp_path / "policies" / "web.yaml").write_text(policy(port))
     (tmp_path / "endpoints.yaml").write_text(INVENTORY)
     admin = tmp_path / "admin.sock"
     args = [
@@ -93,7 +93,7 @@ def test_kill_9_then_restart_the_dns_gap(knot_server: knot.KnotServer, tmp_path:
     require(shutil.which("dnsperf") is not None, "dnsperf not installed (run `make bootstrap`)")
     port = knot.free_port(("127.0.0.1",))
     (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "web.yaml").write_text(POLICY.format(port=port))
+    (tmp_path / "policies" / "web.yaml").write_text(policy(port))
     (tmp_path / "endpoints.yaml").write_text(INVENTORY)
     args = [
         "--dns-listen", f"127.0.0.1:{port}",

@@ -31,43 +31,19 @@ from tests.support.audit_schema import RecordingAudit
 from tests.support.bpffs import private_bpffs
 from tests.support.dns_client import udp_query
 from tests.support.fake_upstream import FakeUpstream
+from tests.support.policies import web_policy
 
 S = 1_000_000_000
 WEB1, WEB2, LONE, STRANGER = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.9"
 
-POLICY = """\
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {{name: web, namespace: demo}}
-spec:
-  endpointSelector:
-    matchLabels: {{app: web}}
-  egress:
-    - toEndpoints:
-        - matchLabels:
-            "k8s:io.kubernetes.pod.namespace": kube-system
-            "k8s:k8s-app": kube-dns
-      toPorts:
-        - ports: [{{port: "{port}", protocol: ANY}}]
-          rules:
-            dns:
-              - matchPattern: "*.allowed.test"
-              - matchName: chain.test
-              - matchName: zero.test
-              - matchName: many.test
-              - matchName: unselected.test
-    - toFQDNs:
-        - matchPattern: "*.allowed.test"
-        - matchName: chain.test
-        - matchName: zero.test
-        - matchName: many.test
-      toPorts:
-        - ports: [{{port: "443", protocol: TCP}}]
-    - toCIDRSet:
-        - cidr: 192.0.2.0/24
-      toPorts:
-        - ports: [{{port: "8080", protocol: TCP}}]
-"""
+def policy(port: int) -> str:
+    """Names the tests look up, a CIDR to merge, DNS to kube-dns (the proxy, on ``port``)."""
+    selectors = ['matchPattern: "*.allowed.test"', "matchName: chain.test", "matchName: zero.test",
+                 "matchName: many.test"]
+    cidr = ("    - toCIDRSet:\n        - cidr: 192.0.2.0/24\n      toPorts:\n"
+            '        - ports: [{port: "8080", protocol: TCP}]\n')
+    return web_policy([*selectors, "matchName: unselected.test"], selectors, dns_port=port,
+                      extra=cidr)
 
 INVENTORY = """\
 endpoints:
@@ -137,7 +113,7 @@ async def make_rig(tmp_path: Path, *, allow_map: InMemoryAllowMap | None = None,
                                   server_mod.ListenerLimits())
     await server.start()
     port = server.bound[0][2]  # the policy names the port the kernel gave the proxy
-    (policy_dir / "web.yaml").write_text(POLICY.format(port=port))
+    (policy_dir / "web.yaml").write_text(policy(port))
     store.load()
     return Rig(upstream, server, client, allow_map, cache, learner, store, audit,
                ("127.0.0.1", port), policy_dir)

@@ -17,7 +17,7 @@ import pytest
 from fqdnproxy.lab import knot
 from fqdnproxy.lab.agent_process import AgentProcess
 from tests.conftest import require
-from tests.integration.test_agent_policy import INVENTORY, POLICY
+from tests.integration.test_agent_policy import INVENTORY, policy
 from tests.integration.test_knot import _knotd_present
 
 SECONDS = int(__import__("os").environ.get("FQDNPROXY_OVERLOAD_SECONDS", "60"))
@@ -57,7 +57,7 @@ def test_twice_the_capacity_for_a_minute(knot_server: knot.KnotServer, tmp_path:
     require(shutil.which("dnsperf") is not None, "dnsperf not installed (run `make bootstrap`)")
     port = knot.free_port(("127.0.0.1",))
     (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "web.yaml").write_text(POLICY.format(port=port))
+    (tmp_path / "policies" / "web.yaml").write_text(policy(port))
     (tmp_path / "endpoints.yaml").write_text(INVENTORY)
     queries = tmp_path / "queries.txt"
     queries.write_text("\n".join(QUERIES) + "\n")

@@ -25,30 +25,12 @@ from fqdnproxy.policy.reload import PolicyStore
 from tests.support.audit_schema import RecordingAudit
 from tests.support.dns_client import udp_query
 from tests.support.fake_upstream import FakeUpstream
+from tests.support.policies import web_policy
 
 WEB, CANARY, STRANGER = "127.0.0.2", "127.0.0.3", "127.0.0.9"
 
-POLICY = """\
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {{name: web, namespace: demo}}
-spec:
-  endpointSelector:
-    matchLabels: {{app: web}}
-  egress:
-    - toEndpoints:
-        - matchLabels:
-            "k8s:io.kubernetes.pod.namespace": kube-system
-            "k8s:k8s-app": kube-dns
-      toPorts:
-        - ports: [{{port: "{port}", protocol: ANY}}]
-          rules:
-            dns:
-              - matchName: api.demo.test
-    - toFQDNs: [{{matchName: api.demo.test}}]
-      toPorts:
-        - ports: [{{port: "443", protocol: TCP}}]
-"""
+def policy(port: int) -> str:
+    return web_policy(["matchName: api.demo.test"], ["matchName: api.demo.test"], dns_port=port)
 
 INVENTORY = """\
 endpoints:
@@ -100,7 +82,7 @@ class Rig:
                                            server_mod.ListenerLimits())
         await self.server.start()
         self.address = ("127.0.0.1", self.server.bound[0][2])
-        (policies / "web.yaml").write_text(POLICY.format(port=self.address[1]))
+        (policies / "web.yaml").write_text(policy(self.address[1]))
         store.load()
         return self
 
@@ -157,7 +139,7 @@ async def test_an_unknown_source_only_in_global_audit_mode(tmp_path: Path) -> No
 
 def test_audited_endpoints_get_the_datapath_audit_flag(tmp_path: Path) -> None:
     (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "web.yaml").write_text(POLICY.format(port=53))
+    (tmp_path / "policies" / "web.yaml").write_text(policy(53))
     (tmp_path / "endpoints.yaml").write_text(INVENTORY)
     current = PolicyStore(tmp_path / "policies", tmp_path / "endpoints.yaml").load()
     cache = FqdnCache()
