@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +16,6 @@ from fqdnproxy import cli
 from fqdnproxy.fqdn import snapshot
 from fqdnproxy.lab import knot
 from fqdnproxy.lab.agent_process import AgentProcess
-from tests.conftest import require
-from tests.integration.test_knot import _knotd_present
 from tests.support.audit_schema import validate
 from tests.support.policies import web_policy
 
@@ -83,14 +80,6 @@ def _send(query: dnslib.DNSRecord, server: tuple[str, int], source: str) -> byte
         sock.settimeout(3)
         sock.sendto(query.pack(), server)
         return sock.recvfrom(65535)[0]
-
-
-@pytest.fixture(scope="module")
-def knot_server() -> Iterator[knot.KnotServer]:
-    require(_knotd_present(), "knotd not installed (apt package knot; run `make bootstrap`)")
-    port = knot.free_port(("127.0.0.1",))
-    with knot.KnotServer(listen=[("127.0.0.1", port)], workers=1) as server:
-        yield server
 
 
 @pytest.fixture

@@ -11,27 +11,16 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 
 from fqdnproxy import cli
 from fqdnproxy.lab import knot
 from fqdnproxy.lab.agent_process import AgentProcess
 from tests.conftest import require
 from tests.integration.test_agent_policy import INVENTORY, policy
-from tests.integration.test_knot import _knotd_present
 
 QUERIES = ["api.demo.test A", "www.demo.test A", "api.demo.test AAAA", "db.demo.test A"]
-
-
-@pytest.fixture(scope="module")
-def knot_server() -> Iterator[knot.KnotServer]:
-    require(_knotd_present(), "knotd not installed (apt package knot; run `make bootstrap`)")
-    port = knot.free_port(("127.0.0.1",))
-    with knot.KnotServer(listen=[("127.0.0.1", port)], workers=1) as server:
-        yield server
 
 
 def _cache_names(socket_path: Path) -> list[str]:

@@ -8,7 +8,6 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import dnslib
@@ -18,19 +17,10 @@ from fqdnproxy.lab import knot
 from fqdnproxy.lab.agent_process import AgentProcess
 from tests.conftest import require
 from tests.integration.test_agent_policy import INVENTORY, policy
-from tests.integration.test_knot import _knotd_present
 
 SECONDS = int(__import__("os").environ.get("FQDNPROXY_OVERLOAD_SECONDS", "60"))
 RATE = 20_000  # queries/s: about twice what one agent answers on this 2-core machine
 QUERIES = ["api.demo.test A", "www.demo.test A", "api.demo.test AAAA", "db.demo.test A"]
-
-
-@pytest.fixture(scope="module")
-def knot_server() -> Iterator[knot.KnotServer]:
-    require(_knotd_present(), "knotd not installed (apt package knot; run `make bootstrap`)")
-    port = knot.free_port(("127.0.0.1",))
-    with knot.KnotServer(listen=[("127.0.0.1", port)], workers=1) as server:
-        yield server
 
 
 def _rss_mb(pid: int) -> float:
