@@ -99,6 +99,7 @@ class Agent:
     handover_server: handover.HandoverServer | None = None
     _succeeded: bool = False  # a new agent took over: leave the redirection and snapshot alone
     _interrupts: int = 0
+    _snapshot_failures: int = 0  # in a row, since the last snapshot written
 
     # --- start ----------------------------------------------------------------------------------
 
@@ -473,9 +474,14 @@ class Agent:
             await asyncio.to_thread(snapshot.save, Path(self.config.state.directory), document)
         except snapshot.SnapshotError as error:
             self.metrics.child(self.metrics.snapshots, "error").inc()
-            log.error("snapshot: %s (DNS keeps working; the pinned map keeps enforcing)", error)
+            self._snapshot_failures += 1
+            log.error("snapshot: %s (DNS keeps working; the pinned map keeps enforcing; the "
+                      "last snapshot written stays in place)", error)
             return False
         self.metrics.child(self.metrics.snapshots, "ok").inc()
+        if self._snapshot_failures:
+            log.info("snapshot: written again after %d failed attempts", self._snapshot_failures)
+            self._snapshot_failures = 0
         return True
 
     # --- stop ------------------------------------------------------------------------------------

@@ -120,7 +120,8 @@ class Metrics:
             "fqdnproxy_gc_step_seconds", "Event-loop time of one garbage-collection step",
             buckets=LATENCY_BUCKETS, registry=r)
         self.snapshots = Counter(
-            "fqdnproxy_cache_snapshots", "Cache snapshots written, by result (ok, error)",
+            "fqdnproxy_cache_snapshots", "Cache snapshots by result (ok: written; error: not "
+            "written, the state directory missing, unwritable or full)",
             ["result"], registry=r)
         self.drop_events = Counter(
             "fqdnproxy_drop_events", "Datapath drop events read from the kernel, by outcome "

@@ -159,6 +159,74 @@ def test_an_unwritable_state_directory_is_logged_and_dns_goes_on(
     assert agent.stop() == 0
 
 
+def _snapshots(metrics_port: int) -> dict[str, float]:
+    """``fqdnproxy_cache_snapshots_total`` by result, scraped from /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=3) as reply:
+        text = reply.read().decode()
+    found = {"ok": 0.0, "error": 0.0}
+    for line in text.splitlines():
+        if line.startswith("fqdnproxy_cache_snapshots_total{"):
+            labels, value = line.rsplit(" ", 1)
+            found[labels.split('result="')[1].split('"')[0]] = float(value)
+    return found
+
+
+def _snapshot_names(state: Path) -> set[str]:
+    """The names in the snapshot file (orjson raises on a partial or corrupt one)."""
+    import orjson
+
+    document = orjson.loads((state / snapshot.FILE_NAME).read_bytes())
+    return {name for _, name, _, _ in document["entries"]}
+
+
+@pytest.mark.root
+def test_a_full_state_directory_is_logged_and_counted_and_dns_goes_on(
+        setup: Setup, tmp_path: Path) -> None:
+    """The state directory on a 256 KiB tmpfs, filled: every snapshot fails with ENOSPC, is
+    logged and counted, leaves no temporary file and never replaces the last good snapshot;
+    DNS is answered and learned throughout; once space is freed the next snapshot succeeds."""
+    from tests.support import tmpfs
+
+    metrics_port = knot.free_port(("127.0.0.1",))
+    with tmpfs.tmpfs(tmp_path / "state", "256k") as state:
+        setup.state = state
+        agent = setup.agent()
+        agent.args = [*agent.args, "--state-snapshot-interval", "0.2",
+                      "--metrics-listen", f"127.0.0.1:{metrics_port}"]
+        with agent:
+            assert setup.ask("api.demo.test").rr
+            assert _wait_for(lambda: (state / snapshot.FILE_NAME).exists()
+                             and _snapshot_names(state) == {"api.demo.test."})
+
+            filler = tmpfs.fill(state)
+            assert _wait_for(lambda: _snapshots(metrics_port)["error"] >= 1)
+            good = (state / snapshot.FILE_NAME).read_bytes()  # no write can succeed from here
+            failed = _snapshots(metrics_port)["error"]
+            assert [str(r.rdata) for r in setup.ask("www.demo.test").rr][-1] == "203.0.113.10"
+            assert _wait_for(lambda: _snapshots(metrics_port)["error"] >= failed + 3)
+            assert any("snapshot: cannot write" in line and "No space left on device" in line
+                       for line in agent.log)
+            # The last good snapshot is still there, whole; the failed writes left nothing.
+            assert _snapshot_names(state) == {"api.demo.test."}
+            assert (state / snapshot.FILE_NAME).read_bytes() == good
+            assert sorted(p.name for p in state.iterdir()) == sorted([snapshot.FILE_NAME,
+                                                                      filler.name])
+            # DNS is answered and learned while the snapshots fail.
+            assert setup.ask("api.demo.test").rr and setup.ask("www.demo.test").rr
+            assert setup.ask("db.demo.test").header.rcode == 5
+            assert {r["name"] for r in setup.cache()} == {"api.demo.test.", "www.demo.test."}
+
+            written = _snapshots(metrics_port)["ok"]
+            filler.unlink()
+            assert _wait_for(lambda: _snapshots(metrics_port)["ok"] > written)
+            assert _snapshot_names(state) == {"api.demo.test.", "www.demo.test."}
+            assert _wait_for(lambda: any("snapshot: written again" in line
+                                         for line in agent.log))
+        assert agent.stop() == 0
+
+
 def test_garbage_policies_under_load_change_nothing(setup: Setup) -> None:
     import threading
 
