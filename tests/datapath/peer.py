@@ -3,6 +3,14 @@
     peer.py serve PORT...            TCP and UDP echo on every address; prints "ready"
     peer.py probe SPEC...            SPEC = tcp|udp,ADDR,PORT[,SIZE] or icmp,ADDR; prints a JSON list of bools
     peer.py session ADDR PORT        connects, prints "connected"; each stdin line -> "ok"/"fail"
+    peer.py load SERVER,NAME... QPS SPEC...
+                                     a steady load until a line (or EOF) on stdin: A queries for
+                                     NAMEs to SERVER:53 over UDP at QPS; for each tcp,ADDR,PORT
+                                     a new connection after another; for each hold,ADDR,PORT one
+                                     connection opened first and pinged every 0.1 s. Prints
+                                     "started", and at the end a JSON report with monotonic
+                                     times: {"sent": [[t, id]], "answered": {id: [t, rcode]},
+                                     "probes": {SPEC: [[t, ok]]}}
 """
 
 import json
@@ -116,6 +124,87 @@ def session(addr, port):
         print("ok" if ok else "fail", flush=True)
 
 
+def _query(ident, name):
+    """A DNS query for ``name`` A IN with recursion desired (stdlib only)."""
+    import struct
+
+    labels = b"".join(bytes([len(part)]) + part.encode() for part in name.strip(".").split("."))
+    return struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + labels + b"\0" + b"\0\1\0\1"
+
+
+def load(target, qps, specs):
+    import time
+
+    server, names = target.split(",")[0], target.split(",")[1:]
+    stop = threading.Event()
+    sent, answered, probes = [], {}, {spec: [] for spec in specs}
+    # Unconnected: an ICMP port unreachable while no proxy listens is not an error here.
+    dns = socket.socket(family(server), socket.SOCK_DGRAM)
+    dns.settimeout(0.2)
+
+    def send():
+        start = time.monotonic()
+        for i in range(65536):  # one id per query: answers are matched by id
+            if stop.is_set():
+                return
+            delay = start + i / qps - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            sent.append([time.monotonic(), i])
+            try:
+                dns.sendto(_query(i, names[i % len(names)]), (server, 53))
+            except OSError:
+                pass
+
+    def receive(until):
+        while time.monotonic() < until():
+            try:
+                data = dns.recv(65536)
+            except OSError:
+                continue
+            if len(data) >= 12:
+                answered.setdefault(int.from_bytes(data[:2], "big"),
+                                    [time.monotonic(), data[3] & 0x0F])
+
+    def connect(spec):
+        while not stop.is_set():
+            started = time.monotonic()
+            probes[spec].append([started, probe(spec)])
+            stop.wait(0.05)
+
+    def hold(spec, conn):
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                conn.sendall(b"ping")
+                ok = conn.recv(16) == b"ping"
+            except OSError:
+                ok = False
+            probes[spec].append([started, ok])
+            stop.wait(0.1)
+
+    threads = [threading.Thread(target=send)]
+    stopped = []
+    threads.append(threading.Thread(
+        target=receive, args=(lambda: stopped[0] + 1.0 if stopped else float("inf"),)))
+    for spec in specs:
+        kind, addr, port = spec.split(",")
+        if kind == "hold":
+            conn = socket.create_connection((addr, int(port)), timeout=TIMEOUT)
+            threads.append(threading.Thread(target=hold, args=(spec, conn)))
+        else:
+            threads.append(threading.Thread(target=connect, args=(spec,)))
+    for thread in threads:
+        thread.start()
+    print("started", flush=True)
+    sys.stdin.readline()
+    stopped.append(time.monotonic())  # late answers are taken for 1 s more
+    stop.set()
+    for thread in threads:
+        thread.join()
+    print(json.dumps({"sent": sent, "answered": answered, "probes": probes}), flush=True)
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "serve":
@@ -135,3 +224,5 @@ if __name__ == "__main__":
         print(json.dumps(results), flush=True)
     elif mode == "session":
         session(*args)
+    elif mode == "load":
+        load(args[0], float(args[1]), args[2:])
