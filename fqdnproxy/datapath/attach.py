@@ -27,6 +27,10 @@ class AttachError(FqdnproxyError):
     """The program could not be attached to or detached from an interface."""
 
 
+class NoInterface(AttachError):
+    """No such interface (here, or in that network namespace)."""
+
+
 @contextlib.contextmanager
 def _netlink(netns: str | None) -> Iterator[IPRoute]:
     ipr = NetNS(netns) if netns else IPRoute()
@@ -41,7 +45,7 @@ def _index(ipr: IPRoute, interface: str | int) -> int:
         return interface
     found = ipr.link_lookup(ifname=interface)
     if not found:
-        raise AttachError(f"no interface {interface!r}")
+        raise NoInterface(f"no interface {interface!r}")
     return int(found[0])
 
 
@@ -51,7 +55,8 @@ def attach(prog_fd: int, prog_name: str, interface: str | int, netns: str | None
     Adds the clsact qdisc when missing. Returns the interface index.
 
     Raises:
-        AttachError: no such interface, or the kernel refused.
+        NoInterface: no such interface.
+        AttachError: the kernel refused.
     """
     with _netlink(netns) as ipr:
         index = _index(ipr, interface)

@@ -1,16 +1,24 @@
 """``EgressDatapath``: compile bpf/fqdn_egress.c, pin or reuse its maps, attach it, drive it.
 
-    dp = EgressDatapath.load(Path("/sys/fs/bpf/fqdnproxy"), Options())
+    dp = EgressDatapath.load(Path("/sys/fs/bpf/fqdnproxy"), Options())   # compiles (seconds)
     dp.attach("lxc1234")                       # the endpoint's host-side veth
     dp.set_endpoint("192.0.2.10", 7, EndpointFlags.ENFORCE_EGRESS, ifindex)
     dp.upsert_allows([AllowEntry(7, "203.0.113.5/32", kernel_now_ns() + ttl_ns, ports)])
 
 The maps outlive the process (pinned) and the program outlives it too (the tc filter holds it).
-A new process's load() reuses the pins; its attach() replaces the program in place.
+A new process's load() reuses the pins; its attach() replaces the program in place. A restart
+need not wait for the compile: open() takes the pins over in milliseconds while the old program
+goes on enforcing from them, and load_program() swaps this build's program in later:
+
+    dp = EgressDatapath.open(pin_dir) or EgressDatapath.load(pin_dir)
+    dp.upsert_allows(...)                       # read at once by the program already attached
+    dp.attach("lxc1234")                        # remembered until the program is loaded
+    await asyncio.to_thread(dp.load_program)    # compile, then replace on every interface
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -82,20 +90,69 @@ def ensure_bpffs(pin_dir: Path, mountpoint: Path = DEFAULT_BPFFS) -> None:
         raise DatapathError(f"{pin_dir} is not on a bpf filesystem")
 
 
+class _Program:
+    """The compiled program inside bcc's ``BPF`` object (which also holds the ring buffer)."""
+
+    def __init__(self, bpf: Any, fn: Any) -> None:
+        self.bpf = bpf
+        self.fn = fn
+
+    @classmethod
+    def compile(cls, source: Path, options: Options, pin_dir: Path) -> _Program:
+        """Compile ``source`` with bcc (seconds of clang) and load it into the kernel.
+
+        bcc creates the pinned maps that are missing and reuses those that exist.
+
+        Raises:
+            ToolchainError: bcc or the kernel headers are unusable, or the C does not compile.
+            DatapathError: the kernel refused the program (the verifier's log is on stderr).
+        """
+        cflags = options.cflags(pin_dir) + maps.layout_cflags()
+        bpf = toolchain.compile_program(source.read_text(), cflags)
+        try:
+            fn = bpf.load_func(PROGRAM.encode(), bpf.SCHED_CLS)
+        except Exception as exc:  # bcc raises bare Exception when the kernel refuses
+            bpf.cleanup()
+            raise DatapathError(f"the kernel refused {PROGRAM}: {exc}") from exc
+        return cls(bpf, fn)
+
+    @property
+    def fd(self) -> int:
+        return int(self.fn.fd)
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
 class EgressDatapath:
-    """One loaded instance of the egress program and its pinned maps.
+    """The egress program and its pinned maps, as one process drives them.
 
     Map operations (endpoints, allows, counters, GC) come from ``pinned.PinnedMaps`` and work
-    the same from any process; attach, detach and drop events need this loaded program.
+    the same from any process and at any time. Attach and drop events need the program, which
+    this instance has from the start (``load``) or gains later (``open``, then
+    ``load_program``):
+
+    - ``load()`` compiles first; bcc creates the pins or reuses them. A first start needs this.
+    - ``open()`` reuses pins that exist, without bcc, in milliseconds. The program an earlier
+      process attached stays attached (the tc filter holds it) and goes on enforcing from these
+      very maps, so what is written here takes effect at once. ``load_program()`` (seconds:
+      run it in a thread) then compiles this build's program and replaces the old one on every
+      interface ``attach()`` was asked for meanwhile.
+
+    Thread-safe for attach/detach against ``load_program`` and ``close`` (one lock); map
+    operations have one writer at a time, as before.
     """
 
-    def __init__(self, bpf: Any, fn: Any, maps_: pinned.PinnedMaps, options: Options,
-                 metrics: DatapathMetrics) -> None:
-        self._bpf = bpf
-        self._fn = fn
+    def __init__(self, maps_: pinned.PinnedMaps, options: Options, metrics: DatapathMetrics,
+                 *, source: Path = SOURCE, program: _Program | None = None) -> None:
         self.maps = maps_
         self.options = options
         self.metrics = metrics
+        self._source = source
+        self._program = program
+        self._lock = threading.Lock()
+        self._wanted: dict[tuple[str | int, str | None], None] = {}  # attach() asked, in order
+        self._closed = False
         self._reader: DropEventReader | None = None
 
     @classmethod
@@ -107,32 +164,99 @@ class EgressDatapath:
         Raises:
             LayoutMismatch: existing pins have another layout; the message says how to migrate.
             ToolchainError: bcc or the kernel headers are unusable, or the C does not compile.
-            DatapathError: no bpffs.
+            DatapathError: no bpffs, or the kernel refused the program.
         """
         pin_dir = Path(pin_dir)
         ensure_bpffs(pin_dir, bpffs)
         pinned.check_layout(pin_dir)  # before bcc would silently reuse a mismatched map
-        cflags = options.cflags(pin_dir) + maps.layout_cflags()
-        bpf = toolchain.compile_program(source.read_text(), cflags)
+        program = _Program.compile(source, options, pin_dir)
         try:
-            fn = bpf.load_func(PROGRAM.encode(), bpf.SCHED_CLS)
             maps_ = pinned.PinnedMaps.open(pin_dir)
         except Exception:
-            bpf.cleanup()
+            program.close()
             raise
         if maps_.layout_version() == 0:
             maps_.stamp_layout()
-        return cls(bpf, fn, maps_, options, metrics or DatapathMetrics())
+        return cls(maps_, options, metrics or DatapathMetrics(), source=source, program=program)
+
+    @classmethod
+    def open(cls, pin_dir: str | Path = pinned.DEFAULT_PIN_DIR, options: Options = Options(),
+             *, bpffs: Path = DEFAULT_BPFFS, metrics: DatapathMetrics | None = None,
+             source: Path = SOURCE) -> EgressDatapath | None:
+        """Reuse the maps pinned in ``pin_dir`` without compiling; None unless all are pinned.
+
+        The result has no program until ``load_program()``; until then the program attached
+        by an earlier process (if any) enforces from these maps.
+
+        Raises:
+            LayoutMismatch: the pins have another layout; the message says how to migrate.
+            DatapathError: no bpffs.
+        """
+        pin_dir = Path(pin_dir)
+        ensure_bpffs(pin_dir, bpffs)
+        if not all((pin_dir / name).exists() for name in maps.PINNED_MAPS):
+            return None  # a first start (or pins half made): load() lets bcc create them
+        maps_ = pinned.PinnedMaps.open(pin_dir)  # checks the layout
+        if maps_.layout_version() == 0:
+            maps_.stamp_layout()
+        return cls(maps_, options, metrics or DatapathMetrics(), source=source)
+
+    @property
+    def program_loaded(self) -> bool:
+        """Whether this instance has its program (``load``, or ``load_program`` done)."""
+        return self._program is not None
+
+    def load_program(self) -> list[str | int]:
+        """Compile and load the program, then attach it, replacing whatever program of ours is
+        there, to every interface ``attach()`` was asked for; return those attached.
+
+        Blocking for seconds (clang): call it from a thread. An interface that has gone away
+        meanwhile is skipped (nothing can arrive on it).
+
+        Raises:
+            ToolchainError, DatapathError: as ``load``; also when loaded already, or closed
+                while compiling (the compiled program is then released).
+            AttachError: the kernel refused to attach it to an interface that exists.
+        """
+        with self._lock:
+            if self._program is not None or self._closed:
+                raise DatapathError("the program is loaded already, or the datapath is closed")
+        program = _Program.compile(self._source, self.options, self.maps.pin_dir)
+        with self._lock:
+            if self._closed:
+                program.close()
+                raise DatapathError("the datapath was closed while its program compiled")
+            self._program = program
+            attached = []
+            for interface, netns in self._wanted:
+                try:
+                    tc.attach(program.fd, PROGRAM, interface, netns)
+                except tc.NoInterface:
+                    continue
+                attached.append(interface)
+        return attached
 
     @property
     def prog_fd(self) -> int:
-        """The loaded program's fd (BPF_PROG_TEST_RUN, tc)."""
-        return int(self._fn.fd)
+        """The loaded program's fd (BPF_PROG_TEST_RUN, tc).
+
+        Raises:
+            DatapathError: the program is not loaded yet.
+        """
+        program = self._program
+        if program is None:
+            raise DatapathError("the program is not loaded yet (open() without load_program())")
+        return program.fd
 
     def close(self) -> None:
         """Release this process's handles; pins and attached filters stay."""
-        self.maps.close()
-        self._bpf.cleanup()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.maps.close()
+            if self._program is not None:
+                self._program.close()
 
     def __enter__(self) -> EgressDatapath:
         return self
@@ -145,13 +269,23 @@ class EgressDatapath:
     def attach(self, interface: str | int, netns: str | None = None) -> int:
         """Gate ``interface``'s ingress (an endpoint's egress); replaces our earlier program.
 
-        Idempotent; returns the interface index. Raises ``AttachError``.
+        Idempotent; returns the interface index. Without the program yet, remembers the
+        interface for ``load_program()`` and returns 0.
+
+        Raises:
+            AttachError: no such interface, or the kernel refused.
         """
-        return tc.attach(self.prog_fd, PROGRAM, interface, netns)
+        with self._lock:
+            self._wanted[(interface, netns)] = None
+            if self._program is None:
+                return 0
+            return tc.attach(self._program.fd, PROGRAM, interface, netns)
 
     def detach(self, interface: str | int, netns: str | None = None) -> bool:
         """Remove our filter from ``interface``; idempotent, other filters stay."""
-        return tc.detach(interface, netns)
+        with self._lock:
+            self._wanted.pop((interface, netns), None)
+            return tc.detach(interface, netns)
 
     # --- maps (see pinned.PinnedMaps) -----------------------------------------------------------
 
@@ -196,7 +330,13 @@ class EgressDatapath:
         return deleted
 
     def drop_events(self, sink: Callable[[DropEvent], None] | None = None) -> DropEventReader:
-        """The reader of this program's drop events (one per instance)."""
+        """The reader of this program's drop events (one per instance).
+
+        Raises:
+            DatapathError: the program is not loaded yet (the ring buffer is the program's).
+        """
+        if self._program is None:
+            raise DatapathError("the program is not loaded yet: no drop events to read")
         if self._reader is None:
-            self._reader = DropEventReader(self._bpf, sink)
+            self._reader = DropEventReader(self._program.bpf, sink)
         return self._reader

@@ -16,7 +16,7 @@ def test_codecs_match_the_c_structs(pin_dir: Path, bpffs: Path) -> None:
     # load() passes maps.layout_cflags(): the C's _Static_asserts check every size and offset.
     with egress.EgressDatapath.load(pin_dir, egress.Options(), bpffs=bpffs) as dp:
         for name, (key_size, value_size) in maps.MAP_SIZES.items():
-            table = dp._bpf[name.encode()]
+            table = dp._program.bpf[name.encode()]  # type: ignore[union-attr]
             assert ctypes.sizeof(table.Key) == key_size, name
             if name != "counters":
                 assert ctypes.sizeof(table.Leaf) == value_size, name

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fqdnproxy.datapath import attach as tc
-from fqdnproxy.datapath import pinned
+from fqdnproxy.datapath import egress, pinned
 from fqdnproxy.datapath.allowmap import AllowEntry, PortRange
 from fqdnproxy.datapath.maps import EndpointFlags
 from tests.datapath import topology as topo
@@ -83,3 +83,46 @@ def test_sigkill_and_takeover_keep_enforcing(pin_dir: Path, bpffs: Path) -> None
                 if proc is not None and proc.poll() is None:
                     proc.kill()
                     proc.wait()
+
+
+def test_open_takes_the_pins_over_at_once_and_load_program_replaces_the_old_program(
+        pin_dir: Path, bpffs: Path) -> None:
+    """What a restarted agent does: write into the pins while the old program enforces from
+    them, compile later, then replace it on every interface asked for meanwhile."""
+    assert egress.EgressDatapath.open(pin_dir, bpffs=bpffs) is None  # nothing pinned: load()
+    with topo.topology() as net:
+        first = _loader(pin_dir, bpffs, net)
+        dp = None
+        try:
+            with pinned.PinnedMaps.open(pin_dir) as m:
+                m.set_endpoint(net.pod1.ip, 1, EndpointFlags.ENFORCE_EGRESS, net.ifindex(net.pod1))
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+            old = _program_ids(net)
+
+            dp = egress.EgressDatapath.open(pin_dir, bpffs=bpffs)
+            assert dp is not None and not dp.program_loaded
+            with pytest.raises(egress.DatapathError):
+                dp.prog_fd
+            assert dp.attach(net.pod1.host_if, netns=net.node) == 0  # remembered for later
+            dp.attach("fqp-gone0", netns=net.node)  # not there by then: skipped, not an error
+            dp.upsert_allows([AllowEntry(1, "203.0.113.6/32", 0, (PortRange(6, 8080, 8080),))])
+            # The old program reads what was just written; nothing else passes.
+            assert net.probe(net.pod1, "tcp,203.0.113.6,8080", "tcp,203.0.113.7,8080") == \
+                [True, False]
+            assert _program_ids(net) == old
+
+            assert dp.load_program() == [net.pod1.host_if]
+            new = _program_ids(net)
+            assert len(new) == 1 and new != old and dp.program_loaded
+            assert net.probe(net.pod1, "tcp,203.0.113.6,8080", "tcp,203.0.113.7,8080") == \
+                [True, False]
+            assert dp.attach(net.pod2.host_if, netns=net.node) == net.ifindex(net.pod2)  # at once
+            with pytest.raises(egress.DatapathError):
+                dp.load_program()  # once per instance
+        finally:
+            if dp is not None:
+                dp.close()
+            if first.poll() is None:
+                first.kill()
+                first.wait()
