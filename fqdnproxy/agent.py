@@ -21,6 +21,21 @@ Without ``policy.directory`` the agent forwards every query and learns nothing (
 front of a resolver). With it, queries are decided per endpoint and answers teach the cache;
 with ``datapath.enabled`` too, what they teach goes into the kernel's allow map before release.
 
+Restarts. A successor that finds a running agent (the handover socket) compiles its program
+while the running agent serves, then takes its listening sockets over (handover.py): no query is
+lost. A start after a crash or a kill -9 finds no one to take over from, but usually finds the
+pinned maps, with the previous agent's program still attached and enforcing from them. It then
+does not wait for bcc (seconds of clang): it opens the pins (``EgressDatapath.open``), restores
+the cache, syncs endpoints and static rules, binds and serves DNS at once, learning into the
+pinned maps before each release as always (the attached program reads them), while
+``_load_program`` compiles this build's program in a thread and then replaces the old one on
+every interface (``tc filter replace``: no packet sees an interface unfiltered). /readyz says
+``datapath: no`` until then, and drop events are read from then on. If that compile or attach
+fails the agent logs why, counts it (``fqdnproxy_datapath_program_loads_total{result="error"}``)
+and exits with status 3 so its supervisor restarts it; it leaves the redirection, the pinned maps
+and the old program in place, so enforcement goes on and pods' DNS is never sent unjudged. On a
+first start (no pins) the agent compiles before it serves, as bcc creates the maps.
+
 Signals: SIGTERM or SIGINT stop cleanly (a second SIGINT forces exit); SIGHUP reopens the audit
 file for logrotate. A stop leaves the pinned maps and the attached program in place: enforcement
 and learned entries outlive the agent, and the next agent takes them over.
@@ -33,7 +48,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +87,10 @@ class StartupError(FqdnproxyError):
     """The agent could not start."""
 
 
+class ProgramLoadError(StartupError):
+    """The datapath program, compiled in the background after a restart, could not be loaded."""
+
+
 @dataclass
 class Agent:
     """All running components of one agent."""
@@ -98,6 +117,11 @@ class Agent:
     _redirected: Any = None  # datapath.redirect.Redirect installed
     handover_server: handover.HandoverServer | None = None
     _succeeded: bool = False  # a new agent took over: leave the redirection and snapshot alone
+    _program_task: asyncio.Task[None] | None = None  # compiling the program after a restart
+    failure: StartupError | None = None  # why the agent stops on its own; serve() raises it
+    # Awaited before the program is compiled in the background (a restart over existing pins):
+    # a test holds the compile with it to look at the datapath meanwhile.
+    program_gate: Callable[[], Awaitable[None]] | None = None
     _interrupts: int = 0
     _snapshot_failures: int = 0  # in a row, since the last snapshot written
 
@@ -122,17 +146,22 @@ class Agent:
         inherited = None
         if cfg.policy.directory:
             self.store = self._load_policies()
-            self.datapath = self._open_datapath() if cfg.datapath.enabled else None
+            self.datapath = self._open_datapath(successor) if cfg.datapath.enabled else None
+            if self.datapath is not None and not self.datapath.program_loaded:
+                self._program_task = asyncio.get_running_loop().create_task(
+                    self._load_program())
             self.learner = self._build_learner()
             inherited = await self._take_over() if successor else None
             self._restore()
             if self.datapath is not None:
                 await self._sync_datapath(initial=True)
-                self._watch_datapath()
+                self.metrics.watch_datapath(self.datapath)
             decider = audit_mode.AuditModeDecider(PolicyDecider(lambda: self._store().current),
                                                   self._audited)
             learner = self.learner
-        self.readiness.mark("policies", "datapath", "cache")
+        self.readiness.mark("policies", "cache")
+        if self._program_task is None:  # else _load_program says when the program is ready
+            self._program_ready()
         if successor and inherited is None:
             inherited = await self._take_over()
         if cfg.metrics.listen and successor:
@@ -202,6 +231,11 @@ class Agent:
         """A successor asks: give it a fresh snapshot and the ports it needs, then the sockets."""
         log.info("a new agent takes over")
         self.readiness.stopping()
+        if self._program_task is not None and not self._program_task.done():
+            # Our program, still compiling, must never replace the successor's, which it
+            # attaches after this (timeline: we hand over, it syncs and attaches).
+            self.datapath.cancel_load()
+            self._program_task.cancel()
         if self.cache is not None:
             await self.write_snapshot()
         if self.admin is not None:
@@ -255,13 +289,76 @@ class Agent:
                  len(list(current.registry.workloads())))
         return store
 
-    def _open_datapath(self) -> Any:
+    def _open_datapath(self, successor: bool) -> Any:
+        """The datapath: over existing pins without waiting for bcc, else compiled first.
+
+        A successor compiles first: the running agent serves meanwhile, and it hands over to
+        an agent whose program is in place. Otherwise existing pins are taken over at once and
+        the program follows (``_load_program``); a first start compiles, since bcc makes the maps.
+        """
         from fqdnproxy.datapath import egress
 
+        pin_dir = Path(self.config.datapath.pin_dir)
         try:
-            return egress.EgressDatapath.load(Path(self.config.datapath.pin_dir))
+            datapath = None if successor else egress.EgressDatapath.open(pin_dir)
         except FqdnproxyError as error:
             raise StartupError(f"datapath: {error}") from None
+        if datapath is not None:
+            log.info("datapath: took over the maps pinned in %s; the program attached there "
+                     "enforces from them until this agent's, compiling now, replaces it", pin_dir)
+            return datapath
+        started = time.monotonic()
+        try:
+            datapath = egress.EgressDatapath.load(pin_dir)
+        except FqdnproxyError as error:
+            self.metrics.child(self.metrics.program_loads, "error").inc()
+            raise StartupError(f"datapath: {error}") from None
+        self._count_program_load(time.monotonic() - started)
+        return datapath
+
+    async def _load_program(self) -> None:
+        """Compile and load this build's program off the loop, then swap it in on every
+        interface; on failure stop the agent (``failure``, exit status 3).
+
+        Meanwhile DNS is served and learned into the pinned maps, which the program attached
+        by the previous agent reads; an interface attached meanwhile (a new endpoint) is
+        attached here, once there is a program to attach.
+        """
+        assert self.datapath is not None
+        if self.program_gate is not None:
+            await self.program_gate()
+        started = time.monotonic()
+        try:
+            attached = await asyncio.to_thread(self.datapath.load_program)
+        except Exception as error:  # whatever it is, the agent must not run half-working
+            self.metrics.child(self.metrics.program_loads, "error").inc()
+            log.error("datapath: cannot load this agent's program: %s. Stopping (exit status "
+                      "3) for the supervisor to restart the agent; the program attached before "
+                      "goes on enforcing from the pinned maps, and the DNS redirection stays",
+                      error, exc_info=not isinstance(error, FqdnproxyError))
+            self.failure = ProgramLoadError(f"datapath program: {error}")
+            self.stopping.set()
+            return
+        seconds = time.monotonic() - started
+        self._count_program_load(seconds)
+        log.info("datapath: program compiled in %.1f s and attached to %s, replacing the "
+                 "previous one", seconds, ", ".join(map(str, attached)) or "no interface yet")
+        self._program_ready()
+
+    def _count_program_load(self, seconds: float) -> None:
+        self.metrics.child(self.metrics.program_loads, "ok").inc()
+        self.metrics.program_load_seconds.set(seconds)
+
+    def _program_ready(self) -> None:
+        """This agent's program is attached (or there is no datapath): ready on that count,
+        and its drop events go to the audit log."""
+        if self.datapath is not None:
+            self.metrics.program_attached.set(1)
+            cfg = self.config.audit
+            limiter = drops_mod.DropLimiter(cfg.drop_rate, cfg.drop_burst, self._identity)
+            self.drops = drops_mod.DropAuditor(self.datapath, self.audit, limiter,
+                                               self.metrics).start()
+        self.readiness.mark("datapath")
 
     def _build_learner(self) -> AllowLearner:
         cfg = self.config.cache
@@ -363,8 +460,9 @@ class Agent:
             log.warning("datapath: interface %s of the inventory is not here; its endpoint is "
                         "enforced by source address only, without anti-spoofing", name)
         log.info("datapath: %d endpoints set, %d removed, %d static entries written, %d deleted,"
-                 " attached to %s", applied.endpoints_set, applied.endpoints_removed,
+                 " %s %s", applied.endpoints_set, applied.endpoints_removed,
                  applied.entries_written, applied.entries_deleted,
+                 "attached to" if self.datapath.program_loaded else "to attach once loaded:",
                  ", ".join(applied.attached) or "nothing new")
 
     def _start_metrics_endpoint(self, listen: str) -> None:
@@ -376,14 +474,6 @@ class Agent:
             raise StartupError(f"metrics.listen: cannot bind {listen}: {error}") from None
         log.info("metrics on http://%s/metrics (and /healthz, /readyz)",
                  _format(*self.http.address))
-
-    def _watch_datapath(self) -> None:
-        """Export the datapath's counters and write its drop events to the audit log."""
-        self.metrics.watch_datapath(self.datapath)
-        cfg = self.config.audit
-        limiter = drops_mod.DropLimiter(cfg.drop_rate, cfg.drop_burst, self._identity)
-        self.drops = drops_mod.DropAuditor(self.datapath, self.audit, limiter,
-                                           self.metrics).start()
 
     async def _start_admin(self) -> None:
         path = self.config.state.admin_socket
@@ -491,8 +581,12 @@ class Agent:
         self.readiness.stopping()
         if self.handover_server is not None:
             self.handover_server.close()
-        if not self._succeeded:
-            await self._unredirect()  # first: pods' DNS goes straight to their servers again
+        if self._program_task is not None:
+            self._program_task.cancel()  # a compile under way is released by datapath.close()
+        if not self._succeeded and self.failure is None:
+            # First: pods' DNS goes straight to their servers again. Not when the agent stops
+            # for its supervisor to restart it: the next agent takes the redirection over.
+            await self._unredirect()
         if self.server is not None:
             await self.server.stop()
         for task in self.tasks:
@@ -534,13 +628,20 @@ class Agent:
             self.audit.reopen()
 
     async def serve(self) -> None:
-        """Start, run until a stop signal, stop."""
+        """Start, run until a stop signal, stop.
+
+        Raises:
+            StartupError: the agent could not start, or (``ProgramLoadError``) its program,
+                compiled after a restart over existing pins, could not be loaded.
+        """
         await self.startup()
         self.capture_signals()
         try:
             await self.stopping.wait()
         finally:
             await self.shutdown()
+        if self.failure is not None:
+            raise self.failure
 
     # --- helpers ---------------------------------------------------------------------------------
 

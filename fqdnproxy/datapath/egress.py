@@ -153,6 +153,7 @@ class EgressDatapath:
         self._lock = threading.Lock()
         self._wanted: dict[tuple[str | int, str | None], None] = {}  # attach() asked, in order
         self._closed = False
+        self._cancelled = False  # cancel_load(): a compile under way must not attach
         self._reader: DropEventReader | None = None
 
     @classmethod
@@ -219,13 +220,14 @@ class EgressDatapath:
             AttachError: the kernel refused to attach it to an interface that exists.
         """
         with self._lock:
-            if self._program is not None or self._closed:
+            if self._program is not None or self._closed or self._cancelled:
                 raise DatapathError("the program is loaded already, or the datapath is closed")
         program = _Program.compile(self._source, self.options, self.maps.pin_dir)
         with self._lock:
-            if self._closed:
+            if self._closed or self._cancelled:
                 program.close()
-                raise DatapathError("the datapath was closed while its program compiled")
+                raise DatapathError("the datapath was closed, or its load cancelled, while its "
+                                    "program compiled")
             self._program = program
             attached = []
             for interface, netns in self._wanted:
@@ -235,6 +237,12 @@ class EgressDatapath:
                     continue
                 attached.append(interface)
         return attached
+
+    def cancel_load(self) -> None:
+        """Make a ``load_program()`` under way (or to come) attach nothing: another process's
+        program takes over (a handover). What it compiles is released; maps stay usable."""
+        with self._lock:
+            self._cancelled = True
 
     @property
     def prog_fd(self) -> int:

@@ -37,6 +37,7 @@ class AgentProcess:
     stop_timeout: float = 10.0
     netns: str | None = None
     env: dict[str, str] | None = None
+    entry: Sequence[str] = ("-m", "fqdnproxy", "run")  # what the interpreter runs, before args
     addresses: dict[str, tuple[str, int]] = field(default_factory=dict)  # "udp 127.0.0.1" -> addr
     log: list[str] = field(default_factory=list)
     _proc: subprocess.Popen[str] | None = field(default=None, init=False, repr=False)
@@ -57,7 +58,7 @@ class AgentProcess:
         Raises:
             AgentProcessError: it exited or said nothing in time; the message has its log.
         """
-        command = [sys.executable, "-m", "fqdnproxy", "run", *self.args]
+        command = [sys.executable, *self.entry, *self.args]
         if self.netns:
             command = ["ip", "netns", "exec", self.netns, *command]
         self._proc = subprocess.Popen(
@@ -83,6 +84,31 @@ class AgentProcess:
                 return self
         self.stop()
         raise AgentProcessError("agent did not become ready:\n" + "\n".join(self.log))
+
+    def wait_for(self, text: str, timeout: float = 60.0) -> str:
+        """Wait until the agent has logged a line containing ``text`` (at any time since it
+        started); return the first such line.
+
+        Raises:
+            AgentProcessError: it exited, or said nothing of the kind in time.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            found = next((line for line in list(self.log) if text in line), None)
+            if found is not None:
+                return found
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                line = self._lines.get(timeout=remaining)  # wakes on every new line
+            except queue.Empty:
+                continue
+            if line is None:
+                self._lines.put(None)  # the next wait_for fails at once too
+                if not any(text in logged for logged in self.log):
+                    break
+        raise AgentProcessError(f"the agent did not log {text!r}:\n" + "\n".join(self.log))
 
     def _drain(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None

@@ -127,6 +127,17 @@ class Metrics:
             "fqdnproxy_drop_events", "Datapath drop events read from the kernel, by outcome "
             "(logged: an audit record; suppressed: over the per-endpoint audit rate, counted in "
             "the next record or a drop_summary record)", ["outcome"], registry=r)
+        self.program_loads = Counter(
+            "fqdnproxy_datapath_program_loads", "Compiles, loads and attaches of the tc program "
+            "by result (ok; error: the agent stops with status 3, the program attached before "
+            "goes on enforcing from the pinned maps)", ["result"], registry=r)
+        self.program_load_seconds = Gauge(
+            "fqdnproxy_datapath_program_load_seconds", "How long the last load of the tc "
+            "program took (compile, load and attach)", registry=r)
+        self.program_attached = Gauge(
+            "fqdnproxy_datapath_program_attached", "1 once this agent's tc program is "
+            "attached; 0 while it compiles and the previous agent's program enforces from the "
+            "pinned maps", registry=r)
 
     def watch_cache(self, cache: Any, memo_sizes: Any = None) -> None:
         """Export the FQDN cache's sizes and evictions, read at scrape time (no hot-path cost).

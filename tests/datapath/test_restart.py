@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -112,6 +114,18 @@ def test_open_takes_the_pins_over_at_once_and_load_program_replaces_the_old_prog
                 [True, False]
             assert _program_ids(net) == old
 
+            # A load cancelled while it compiles (a handover) attaches nothing.
+            other = egress.EgressDatapath.open(pin_dir, bpffs=bpffs)
+            assert other is not None
+            other.attach(net.pod1.host_if, netns=net.node)
+            outcome: list[BaseException] = []
+            compiling = threading.Thread(target=lambda: _catch(other.load_program, outcome))
+            compiling.start()
+            other.cancel_load()
+            compiling.join()
+            other.close()
+            assert isinstance(outcome[0], egress.DatapathError) and _program_ids(net) == old
+
             assert dp.load_program() == [net.pod1.host_if]
             new = _program_ids(net)
             assert len(new) == 1 and new != old and dp.program_loaded
@@ -126,3 +140,10 @@ def test_open_takes_the_pins_over_at_once_and_load_program_replaces_the_old_prog
             if first.poll() is None:
                 first.kill()
                 first.wait()
+
+
+def _catch(call: Callable[[], object], into: list[BaseException]) -> None:
+    try:
+        call()
+    except BaseException as error:  # the outcome is the test's to judge
+        into.append(error)
