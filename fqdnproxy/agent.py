@@ -149,7 +149,8 @@ class Agent:
         handler = proxy_mod.Proxy(
             self.upstream, router, sink, self.metrics,
             proxy_mod.ProxySettings(max_in_flight=cfg.dns.max_in_flight,
-                                    deny_rcode=_deny_rcode(cfg), rate_limit=_rate_limit(cfg)),
+                                    deny_rcode=_deny_rcode(cfg), rate_limit=_rate_limit(cfg),
+                                    parse_cache_size=cfg.dns.parse_cache_size),
             decider=decider, learner=learner)
         listen = [config_mod.parse_address(text, allow_port_zero=True) for text in cfg.dns.listen]
         self.server = server_mod.DnsServer(listen, handler.handle, self.metrics,

@@ -142,6 +142,14 @@ class Metrics:
         except ValueError:  # already exported by another proxy on this registry
             pass
 
+    def watch_parse_cache(self, cache: Any) -> None:
+        """Export a ``dns.parse_cache.ParseCache``'s size, hits, misses and evictions; one per
+        registry (a second proxy's is not exported)."""
+        try:
+            self.registry.register(_ParseCacheCollector(cache))
+        except ValueError:
+            pass
+
     def watch_datapath(self, datapath: Any) -> None:
         """Export the datapath's per-CPU counters and allow-map sizes, read at scrape time.
 
@@ -213,3 +221,35 @@ class _RateLimitCollector:
         yield CounterMetricFamily("fqdnproxy_rate_limit_evictions",
                                   "Token buckets dropped because the client cap was reached",
                                   value=self._buckets.evictions)
+
+
+class _ParseCacheCollector:
+    """``fqdnproxy_parse_cache_*``: read from a ``dns.parse_cache.ParseCache`` at scrape time."""
+
+    def __init__(self, cache: Any) -> None:
+        self._cache = cache
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        entries = GaugeMetricFamily(
+            "fqdnproxy_parse_cache_entries", "Parsed messages remembered, by kind (query, "
+            "response); capped by dns.parse_cache_size each", labels=["kind"])
+        lookups = CounterMetricFamily(
+            "fqdnproxy_parse_cache_lookups", "Messages looked up in the parse cache, by kind and "
+            "result (hit: parsed before, ID aside; miss: parsed now)", labels=["kind", "result"])
+        evictions = CounterMetricFamily(
+            "fqdnproxy_parse_cache_evictions", "Parsed messages dropped because the cache was "
+            "full (the oldest goes)", labels=["kind"])
+        for kind, size in self._cache.sizes().items():
+            entries.add_metric([kind], size)
+        for kind, stats in self._cache.stats().items():
+            lookups.add_metric([kind, "hit"], stats.hits)
+            lookups.add_metric([kind, "miss"], stats.misses)
+            evictions.add_metric([kind], stats.evictions)
+        yield entries
+        yield lookups
+        yield evictions
