@@ -128,7 +128,9 @@ class Agent:
             if self.datapath is not None:
                 await self._sync_datapath(initial=True)
                 self._watch_datapath()
-            decider = audit_mode.AuditModeDecider(PolicyDecider(lambda: self._store().current),
+            policy_decider = PolicyDecider(lambda: self._store().current)
+            self.metrics.watch_decisions(policy_decider)
+            decider = audit_mode.AuditModeDecider(policy_decider,
                                                   self._audited)
             learner = self.learner
         self.readiness.mark("policies", "datapath", "cache")

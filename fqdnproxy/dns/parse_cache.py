@@ -20,51 +20,11 @@ misses and evictions are counted for ``fqdnproxy_parse_cache_*``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Generic, TypeVar
-
 from fqdnproxy.dns import wire
+from fqdnproxy.memo import BoundedMemo, MemoStats
 
 MAX_MESSAGE = 1232  # bytes: the EDNS buffer size DNS flag day 2020 settled on
 DEFAULT_CAPACITY = 4096  # messages per kind
-
-T = TypeVar("T")
-
-
-@dataclass
-class MemoStats:
-    """What one memo has done since it was made (read at scrape time)."""
-
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-
-
-@dataclass
-class _Memo(Generic[T]):
-    """One kind of message: ``parse`` once per distinct ``data[2:]``, ``rebuild`` on a repeat."""
-
-    parse: Callable[[bytes], T]
-    rebuild: Callable[[T, bytes], T]
-    capacity: int
-    entries: dict[bytes, T] = field(default_factory=dict)
-    stats: MemoStats = field(default_factory=MemoStats)
-
-    def get(self, data: bytes) -> T:
-        key = bytes(data[2:])  # TCP hands over bytearrays; bytes(bytes) is no copy
-        found = self.entries.get(key)
-        if found is not None:
-            self.stats.hits += 1
-            return self.rebuild(found, data)
-        self.stats.misses += 1
-        parsed = self.parse(data)  # WireError propagates: nothing is stored
-        if len(data) <= MAX_MESSAGE and self.capacity > 0:
-            if len(self.entries) >= self.capacity:
-                del self.entries[next(iter(self.entries))]
-                self.stats.evictions += 1
-            self.entries[key] = parsed
-        return parsed
 
 
 def _rebuild_query(found: wire.Query, data: bytes) -> wire.Query:
@@ -80,9 +40,8 @@ class ParseCache:
     remembered. Same results, same ``WireError`` for bad input."""
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
-        self._queries: _Memo[wire.Query] = _Memo(wire.parse_query, _rebuild_query, capacity)
-        self._responses: _Memo[wire.Response] = _Memo(
-            wire.parse_response, _rebuild_response, capacity)
+        self._queries: BoundedMemo[bytes, wire.Query] = BoundedMemo(capacity)
+        self._responses: BoundedMemo[bytes, wire.Response] = BoundedMemo(capacity)
         self.capacity = capacity
 
     def query(self, data: bytes) -> wire.Query:
@@ -91,7 +50,14 @@ class ParseCache:
         Raises:
             WireError: as ``wire.parse_query``.
         """
-        return self._queries.get(data)
+        key = bytes(data[2:])  # TCP hands over bytearrays; bytes(bytes) is no copy
+        found = self._queries.get(key)
+        if found is not None:
+            return _rebuild_query(found, data)
+        parsed = wire.parse_query(data)  # WireError propagates: nothing is remembered
+        if len(data) <= MAX_MESSAGE:
+            self._queries.put(key, parsed)
+        return parsed
 
     def response(self, data: bytes) -> wire.Response:
         """The parsed answer (its header, ID included, read from ``data``).
@@ -99,11 +65,18 @@ class ParseCache:
         Raises:
             WireError: as ``wire.parse_response``.
         """
-        return self._responses.get(data)
+        key = bytes(data[2:])
+        found = self._responses.get(key)
+        if found is not None:
+            return _rebuild_response(found, data)
+        parsed = wire.parse_response(data)
+        if len(data) <= MAX_MESSAGE:
+            self._responses.put(key, parsed)
+        return parsed
 
     def sizes(self) -> dict[str, int]:
         """Messages remembered, by kind ("query", "response")."""
-        return {"query": len(self._queries.entries), "response": len(self._responses.entries)}
+        return {"query": len(self._queries), "response": len(self._responses)}
 
     def stats(self) -> dict[str, MemoStats]:
         """Hits, misses and evictions, by kind."""

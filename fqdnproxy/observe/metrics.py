@@ -143,11 +143,23 @@ class Metrics:
             pass
 
     def watch_parse_cache(self, cache: Any) -> None:
-        """Export a ``dns.parse_cache.ParseCache``'s size, hits, misses and evictions; one per
-        registry (a second proxy's is not exported)."""
+        """Export a ``dns.parse_cache.ParseCache``'s size, hits, misses and evictions
+        (``fqdnproxy_parse_cache_*``); one per registry (a second proxy's is not exported)."""
+        stats = cache.stats()
+        self._watch_memo(_MemoCollector(
+            "fqdnproxy_parse_cache", "Parsed messages", "kind",
+            lambda: {kind: (size, stats[kind]) for kind, size in cache.sizes().items()}))
+
+    def watch_decisions(self, decider: Any) -> None:
+        """Export a ``policy.decider.PolicyDecider``'s verdict memo (``fqdnproxy_decision_cache_*``)."""
+        self._watch_memo(_MemoCollector(
+            "fqdnproxy_decision_cache", "Policy verdicts", "",
+            lambda: {"": (len(decider.memo), decider.memo.stats)}))
+
+    def _watch_memo(self, collector: _MemoCollector) -> None:
         try:
-            self.registry.register(_ParseCacheCollector(cache))
-        except ValueError:
+            self.registry.register(collector)
+        except ValueError:  # already exported on this registry
             pass
 
     def watch_datapath(self, datapath: Any) -> None:
@@ -223,11 +235,16 @@ class _RateLimitCollector:
                                   value=self._buckets.evictions)
 
 
-class _ParseCacheCollector:
-    """``fqdnproxy_parse_cache_*``: read from a ``dns.parse_cache.ParseCache`` at scrape time."""
+class _MemoCollector:
+    """``<prefix>_entries``, ``<prefix>_lookups_total{result}`` and ``<prefix>_evictions_total``
+    of hot-path memos (``memo.BoundedMemo``), read at scrape time. ``memos()`` maps a label value
+    (of ``label``; one memo and no label when ``label`` is empty) to (entries, MemoStats)."""
 
-    def __init__(self, cache: Any) -> None:
-        self._cache = cache
+    def __init__(self, prefix: str, what: str, label: str, memos: Any) -> None:
+        self._prefix = prefix
+        self._what = what
+        self._label = label
+        self._memos = memos
 
     def describe(self) -> list[Any]:
         return []
@@ -235,21 +252,22 @@ class _ParseCacheCollector:
     def collect(self) -> Any:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        entries = GaugeMetricFamily(
-            "fqdnproxy_parse_cache_entries", "Parsed messages remembered, by kind (query, "
-            "response); capped by dns.parse_cache_size each", labels=["kind"])
+        labels = [self._label] if self._label else []
+        by = f", by {self._label}" if self._label else ""
+        entries = GaugeMetricFamily(f"{self._prefix}_entries", f"{self._what} remembered{by} "
+                                    "(capped; the oldest goes)", labels=labels)
         lookups = CounterMetricFamily(
-            "fqdnproxy_parse_cache_lookups", "Messages looked up in the parse cache, by kind and "
-            "result (hit: parsed before, ID aside; miss: parsed now)", labels=["kind", "result"])
+            f"{self._prefix}_lookups", f"Lookups of {self._what}{by}, by result (hit: remembered; "
+            "miss: computed now)", labels=[*labels, "result"])
         evictions = CounterMetricFamily(
-            "fqdnproxy_parse_cache_evictions", "Parsed messages dropped because the cache was "
-            "full (the oldest goes)", labels=["kind"])
-        for kind, size in self._cache.sizes().items():
-            entries.add_metric([kind], size)
-        for kind, stats in self._cache.stats().items():
-            lookups.add_metric([kind, "hit"], stats.hits)
-            lookups.add_metric([kind, "miss"], stats.misses)
-            evictions.add_metric([kind], stats.evictions)
+            f"{self._prefix}_evictions", f"{self._what} dropped because the cap was reached{by}",
+            labels=labels)
+        for value, (size, stats) in self._memos().items():
+            key = [value] if self._label else []
+            entries.add_metric(key, size)
+            lookups.add_metric([*key, "hit"], stats.hits)
+            lookups.add_metric([*key, "miss"], stats.misses)
+            evictions.add_metric(key, stats.evictions)
         yield entries
         yield lookups
         yield evictions
