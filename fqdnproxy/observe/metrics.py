@@ -11,6 +11,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from fqdnproxy.observe.loop_metrics import LoopCounter, LoopHistogram
+
 # Query types that get their own label value; everything else is "other". Bounded on purpose.
 QTYPE_LABELS: dict[int, str] = {
     1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA",
@@ -38,7 +40,8 @@ def rcode_label(rcode: int) -> str:
 
 
 class Metrics:
-    """The agent's metrics. Attributes are prometheus-client collectors.
+    """The agent's metrics. Attributes are prometheus-client collectors, except the query
+    path's per-query series (``loop_metrics``: lock-free, for the loop's thread only).
 
     ``child(metric, *labels)`` is the hot path's way to a labelled series: it caches the child
     that ``metric.labels(...)`` returns, which otherwise re-validates the labels on every call.
@@ -49,10 +52,11 @@ class Metrics:
         self._children: dict[tuple[object, ...], Any] = {}
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.queries = Counter(
+        # The query path's own series: updated on every query, from the loop's thread only.
+        self.queries = LoopCounter(
             "fqdnproxy_queries", "Client queries by verdict, query type and protocol",
             ["verdict", "qtype", "protocol"], registry=r)
-        self.answers = Counter(
+        self.answers = LoopCounter(
             "fqdnproxy_answers", "Answers released to clients by response code",
             ["rcode"], registry=r)
         self.malformed = Counter(
@@ -64,12 +68,12 @@ class Metrics:
             "cap was reached", registry=r)
         self.in_flight = Gauge(
             "fqdnproxy_queries_in_flight", "Queries being handled now", registry=r)
-        self.upstream_latency = Histogram(
+        self.upstream_latency = LoopHistogram(
             "fqdnproxy_upstream_latency_seconds", "Time from forwarding a query to its answer",
-            ["protocol"], buckets=LATENCY_BUCKETS, registry=r)
-        self.total_latency = Histogram(
+            ["protocol"], registry=r, buckets=LATENCY_BUCKETS)
+        self.total_latency = LoopHistogram(
             "fqdnproxy_query_latency_seconds", "Time from receiving a query to releasing the "
-            "answer", ["protocol"], buckets=LATENCY_BUCKETS, registry=r)
+            "answer", ["protocol"], registry=r, buckets=LATENCY_BUCKETS)
         self.upstream_errors = Counter(
             "fqdnproxy_upstream_errors", "Upstream exchanges that failed, by reason "
             "(timeout; unreachable: ICMP error, refused or reset; bad_answer)", ["reason"], registry=r)
