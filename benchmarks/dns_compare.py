@@ -7,6 +7,8 @@ inventory lists as an enforced endpoint. Targets, one at a time, each with the s
     knot directly            the authoritative upstream (one UDP worker, as in bench_forward.py)
     dnsmasq                  forwarding to knot, cache off
     dnsmasq + nftset         the same, writing every A/AAAA answer into nftables sets
+    python floor             python_floor.py: a bare uvloop forwarder (no parsing, policy, audit),
+                             what any Python proxy pays before doing its own work
     fqdnproxy                policy decided per query, every new answer written to the BPF map
 
 Each runs at full load (-c 4 -q 200) and at a fixed 5,000 queries per second (-Q 5000), with
@@ -19,6 +21,7 @@ import contextlib
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -33,7 +36,7 @@ from fqdnproxy.lab.agent_process import AgentProcess
 
 CLIENT_IP = "198.51.100.10"  # dnsperf's source: the policy's enforced endpoint
 PROXY_IP = "198.51.100.53"  # fqdnproxy listens here, port 53: the inventory's kube-dns service
-KNOT_PORT, DNSMASQ_PORT, NFTSET_PORT = 5300, 5301, 5302
+KNOT_PORT, DNSMASQ_PORT, NFTSET_PORT, FLOOR_PORT = 5300, 5301, 5302, 5303
 CLIENTS, OUTSTANDING, FIXED_QPS = 4, 200, 5000
 
 # Names added to a copy of demo.test for the mix: more distinct names, a CNAME to a 4-address
@@ -152,6 +155,20 @@ def dnsmasq(port: int, upstream: int, workdir: Path, nftset: bool) -> Iterator[l
             proc.wait()
 
 
+@contextlib.contextmanager
+def python_floor(port: int, upstream: int) -> Iterator[list[str]]:
+    """benchmarks/python_floor.py on 127.0.0.1:``port``, forwarding to ``upstream``; its argv."""
+    argv = [sys.executable, str(Path(__file__).with_name("python_floor.py")),
+            f"127.0.0.1:{port}", f"127.0.0.1:{upstream}"]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        wait_answers("127.0.0.1", port)
+        yield ["python_floor.py", *argv[2:]]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 NFT_TABLE = """table inet fqpbench {
     set allowed4 { type ipv4_addr; timeout 1h; }
     set allowed6 { type ipv6_addr; timeout 1h; }
@@ -226,6 +243,9 @@ def run(workdir: Path, bpffs: Path, seconds: int) -> dict[str, Any]:
             extra["nftset_elements"] = {s: nft_set_size(s) for s in ("allowed4", "allowed6")}
         finally:
             subprocess.run(["nft", "delete", "table", "inet", "fqpbench"], check=False)
+        with python_floor(FLOOR_PORT, KNOT_PORT) as argv:
+            rows += _measure("python floor", "127.0.0.1", FLOOR_PORT, " ".join(argv), inputs,
+                             seconds, workdir)
         agent_args = proxy_args(inputs, workdir, bpffs / "dns", KNOT_PORT)
         with AgentProcess(agent_args, start_timeout=60) as agent:
             rows += _measure("fqdnproxy", PROXY_IP, 53, "fqdnproxy run " + " ".join(agent_args),

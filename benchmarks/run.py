@@ -7,7 +7,8 @@ it (`ip netns exec`, which also gives it a private mount namespace for its bpffs
 the namespace at the end: every server, client and nftables table lives on that namespace's
 loopback, nothing in the machine's root namespace. Parts, in order:
 
-    dns       dns_compare.py: knot, dnsmasq, dnsmasq + nftset, fqdnproxy under one dnsperf load
+    dns       dns_compare.py: knot, dnsmasq, dnsmasq + nftset, a bare Python forwarder (the floor),
+              fqdnproxy under one dnsperf load
     datapath  bench_datapath.py (BPF_PROG_TEST_RUN) and nft_compare.py (an nftables set lookup)
     policy    bench_policy.py: decision time at 10, 1,000 and 10,000 selectors
     learn     learn_memory.py: learned entries per second end to end, agent RSS, map memory
@@ -82,7 +83,9 @@ def part_dns(ctx: dict[str, Any]) -> list[dict[str, Any]]:
         f"{', '.join(data['refused_names'])}), {s} s per run, -c 4 -q 200 for full load and -Q 5000 "
         "for the fixed rate; latencies are percentiles of every answered query (`dnsperf -v`). "
         "Upstream: knot (one UDP worker) serving a copy of demo.test. dnsmasq has its cache off and "
-        "--dns-forward-max=1024; fqdnproxy runs with policy, the audit log to a file, metrics, the "
+        "--dns-forward-max=1024; python floor is benchmarks/python_floor.py, a bare uvloop "
+        "forwarder with no parsing, policy, audit or metrics (not a usable proxy: what CPython and "
+        "the event loop cost before any work of our own); fqdnproxy runs with policy, the audit log to a file, metrics, the "
         "datapath on a private bpffs and the per-client rate limit off. Ratios are to dnsmasq "
         "(no firewall) at the same load in the same run.")
     text += dns_compare.notes(rows)

@@ -156,7 +156,9 @@ class Agent:
             if self.datapath is not None:
                 await self._sync_datapath(initial=True)
                 self.metrics.watch_datapath(self.datapath)
-            decider = audit_mode.AuditModeDecider(PolicyDecider(lambda: self._store().current),
+            policy_decider = PolicyDecider(lambda: self._store().current)
+            self.metrics.watch_decisions(policy_decider)
+            decider = audit_mode.AuditModeDecider(policy_decider,
                                                   self._audited)
             learner = self.learner
         self.readiness.mark("policies", "cache")
@@ -179,7 +181,8 @@ class Agent:
         handler = proxy_mod.Proxy(
             self.upstream, router, sink, self.metrics,
             proxy_mod.ProxySettings(max_in_flight=cfg.dns.max_in_flight,
-                                    deny_rcode=_deny_rcode(cfg), rate_limit=_rate_limit(cfg)),
+                                    deny_rcode=_deny_rcode(cfg), rate_limit=_rate_limit(cfg),
+                                    parse_cache_size=cfg.dns.parse_cache_size),
             decider=decider, learner=learner)
         listen = [config_mod.parse_address(text, allow_port_zero=True) for text in cfg.dns.listen]
         self.server = server_mod.DnsServer(listen, handler.handle, self.metrics,

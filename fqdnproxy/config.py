@@ -61,6 +61,9 @@ class DnsConfig:
         "limit). Keeps one noisy pod from starving the others", "queries/s")
     rate_limit_burst: float = _opt(
         2_000.0, "queries a quiet client may send at once before the rate applies", "queries")
+    parse_cache_size: int = _opt(
+        4_096, "parsed queries and answers remembered (each kind) so a repeat, ID aside, is not "
+        "parsed again; the oldest goes when full (0: parse every message)", "messages")
     tcp_max_connections: int = _opt(
         1_000, "open client TCP connections; past it new ones are closed", "connections"
     )
@@ -441,6 +444,9 @@ def _validate(config: AgentConfig, origin: str) -> None:
     if config.dns.rate_limit_qps < 0 or config.dns.rate_limit_burst < 1:
         raise ConfigError(f"{origin}: dns.rate_limit_qps must be 0 or more and "
                           "dns.rate_limit_burst at least 1")
+    if config.dns.parse_cache_size < 0:
+        raise ConfigError(f"{origin}: dns.parse_cache_size: must be 0 or more, got "
+                          f"{config.dns.parse_cache_size}")
     if not 0 < config.dns.transparent_port < 65536:
         raise ConfigError(f"{origin}: dns.transparent_port: must be 1..65535")
     if config.dns.mode == "transparent" and not config.policy.directory:

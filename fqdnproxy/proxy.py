@@ -7,7 +7,8 @@
 
 The stages, in order (CoreDNS keeps this list in ``plugin.cfg``; we keep it here):
 
-1. read:    the wire fast path reads the header and the question; unreadable -> FORMERR if
+1. read:    the wire fast path reads the header and the question (a repeat of a message
+            seen before, ID aside, comes from ``ParseCache``); unreadable -> FORMERR if
             the header could be read, else dropped. Both counted. Opcodes other than QUERY
             (NOTIFY, UPDATE, ...) get NOTIMP.
 2. admit:   the in-flight cap; past it SERVFAIL, counted.
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from fqdnproxy import ratelimit
+from fqdnproxy.dns import parse_cache
 from fqdnproxy.dns import upstream as upstream_mod
 from fqdnproxy.dns import wire
 from fqdnproxy.exchange import (
@@ -82,6 +84,7 @@ class ProxySettings:
     max_in_flight: int = 10_000
     deny_rcode: wire.Rcode = wire.Rcode.REFUSED
     rate_limit: ratelimit.RateLimit | None = None  # None: no per-client limit
+    parse_cache_size: int = parse_cache.DEFAULT_CAPACITY  # messages per kind; 0: parse every time
 
 
 class Proxy:
@@ -102,6 +105,8 @@ class Proxy:
                          if settings.rate_limit is not None else None)
         if self._buckets is not None:
             metrics.watch_rate_limit(self._buckets)
+        self._parsed = parse_cache.ParseCache(settings.parse_cache_size)
+        metrics.watch_parse_cache(self._parsed)
         # Read at scrape time: no gauge update on every query.
         metrics.in_flight.set_function(lambda: self._in_flight)
 
@@ -177,7 +182,7 @@ class Proxy:
             self._metrics.upstream_errors.labels(error.reason).inc()
             return self._fail(exchange, wire.Rcode.SERVFAIL, verdict, f"upstream: {error}")
         try:
-            response = wire.parse_response(answer)
+            response = self._parsed.response(answer)
         except wire.WireError as error:
             self._metrics.upstream_errors.labels("bad_answer").inc()
             return self._fail(exchange, wire.Rcode.SERVFAIL, verdict,
@@ -200,7 +205,7 @@ class Proxy:
 
     def _read(self, data: bytes) -> wire.Query | None:
         try:
-            query = wire.parse_query(data)
+            query = self._parsed.query(data)
         except wire.WireError:
             return None
         if query.header.qr:

@@ -276,7 +276,11 @@ class UpstreamClient:
             UpstreamTimeout: no acceptable answer within the timeout.
             UpstreamUnreachable: the server refused or could not be reached.
         """
-        pool = await self._pool(server)
+        pool = self._pools.get(server)
+        if pool is None or not pool.sockets:  # the first query to this server, or a refill
+            pool = await self._pool(server)
+        elif len(self._pools) > 1:
+            self._pools.move_to_end(server)  # LRU order, for the cap on servers
         sock = pool.sockets[self._random.next16() % len(pool.sockets)]
         query_id = self._random.next16()
         while query_id in sock.pending:

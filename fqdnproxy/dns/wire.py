@@ -257,6 +257,10 @@ _set_query_header, _set_query_question, _set_query_end = (
 _set_r_name, _set_r_type, _set_r_ttl, _set_r_data = (
     Record.__dict__[name].__set__ for name in ("name", "rtype", "ttl", "data")
 )
+_set_resp_header, _set_resp_question, _set_resp_records, _set_resp_cnames, _set_resp_addresses = (
+    Response.__dict__[name].__set__
+    for name in ("header", "question", "records", "cnames", "addresses")
+)
 _set_a_ip, _set_a_family, _set_a_ttl = (
     Address.__dict__[name].__set__ for name in ("ip", "family", "ttl")
 )
@@ -290,6 +294,22 @@ def _query(header: Header, question: Question, question_end: int) -> Query:
     _set_query_question(query, question)
     _set_query_end(query, question_end)
     return query
+
+
+def query_with_header(query: Query, header: Header) -> Query:
+    """``query`` with another header: a repeat of the same message under another ID."""
+    return _query(header, query.question, query.question_end)
+
+
+def response_with_header(response: Response, header: Header) -> Response:
+    """``response`` with another header: a repeat of the same message under another ID."""
+    new = _new(Response)
+    _set_resp_header(new, header)
+    _set_resp_question(new, response.question)
+    _set_resp_records(new, response.records)
+    _set_resp_cnames(new, response.cnames)
+    _set_resp_addresses(new, response.addresses)
+    return new
 
 
 def _record(name: str, rtype: int, ttl: int, data: str) -> Record:

@@ -11,6 +11,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from fqdnproxy.observe.loop_metrics import LoopCounter, LoopHistogram
+
 # Query types that get their own label value; everything else is "other". Bounded on purpose.
 QTYPE_LABELS: dict[int, str] = {
     1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA",
@@ -38,7 +40,8 @@ def rcode_label(rcode: int) -> str:
 
 
 class Metrics:
-    """The agent's metrics. Attributes are prometheus-client collectors.
+    """The agent's metrics. Attributes are prometheus-client collectors, except the query
+    path's per-query series (``loop_metrics``: lock-free, for the loop's thread only).
 
     ``child(metric, *labels)`` is the hot path's way to a labelled series: it caches the child
     that ``metric.labels(...)`` returns, which otherwise re-validates the labels on every call.
@@ -49,10 +52,11 @@ class Metrics:
         self._children: dict[tuple[object, ...], Any] = {}
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.queries = Counter(
+        # The query path's own series: updated on every query, from the loop's thread only.
+        self.queries = LoopCounter(
             "fqdnproxy_queries", "Client queries by verdict, query type and protocol",
             ["verdict", "qtype", "protocol"], registry=r)
-        self.answers = Counter(
+        self.answers = LoopCounter(
             "fqdnproxy_answers", "Answers released to clients by response code",
             ["rcode"], registry=r)
         self.malformed = Counter(
@@ -64,12 +68,12 @@ class Metrics:
             "cap was reached", registry=r)
         self.in_flight = Gauge(
             "fqdnproxy_queries_in_flight", "Queries being handled now", registry=r)
-        self.upstream_latency = Histogram(
+        self.upstream_latency = LoopHistogram(
             "fqdnproxy_upstream_latency_seconds", "Time from forwarding a query to its answer",
-            ["protocol"], buckets=LATENCY_BUCKETS, registry=r)
-        self.total_latency = Histogram(
+            ["protocol"], registry=r, buckets=LATENCY_BUCKETS)
+        self.total_latency = LoopHistogram(
             "fqdnproxy_query_latency_seconds", "Time from receiving a query to releasing the "
-            "answer", ["protocol"], buckets=LATENCY_BUCKETS, registry=r)
+            "answer", ["protocol"], registry=r, buckets=LATENCY_BUCKETS)
         self.upstream_errors = Counter(
             "fqdnproxy_upstream_errors", "Upstream exchanges that failed, by reason "
             "(timeout; unreachable: ICMP error, refused or reset; bad_answer)", ["reason"], registry=r)
@@ -154,6 +158,26 @@ class Metrics:
         except ValueError:  # already exported by another proxy on this registry
             pass
 
+    def watch_parse_cache(self, cache: Any) -> None:
+        """Export a ``dns.parse_cache.ParseCache``'s size, hits, misses and evictions
+        (``fqdnproxy_parse_cache_*``); one per registry (a second proxy's is not exported)."""
+        stats = cache.stats()
+        self._watch_memo(_MemoCollector(
+            "fqdnproxy_parse_cache", "Parsed messages", "kind",
+            lambda: {kind: (size, stats[kind]) for kind, size in cache.sizes().items()}))
+
+    def watch_decisions(self, decider: Any) -> None:
+        """Export a ``policy.decider.PolicyDecider``'s verdict memo (``fqdnproxy_decision_cache_*``)."""
+        self._watch_memo(_MemoCollector(
+            "fqdnproxy_decision_cache", "Policy verdicts", "",
+            lambda: {"": (len(decider.memo), decider.memo.stats)}))
+
+    def _watch_memo(self, collector: _MemoCollector) -> None:
+        try:
+            self.registry.register(collector)
+        except ValueError:  # already exported on this registry
+            pass
+
     def watch_datapath(self, datapath: Any) -> None:
         """Export the datapath's per-CPU counters and allow-map sizes, read at scrape time.
 
@@ -225,3 +249,41 @@ class _RateLimitCollector:
         yield CounterMetricFamily("fqdnproxy_rate_limit_evictions",
                                   "Token buckets dropped because the client cap was reached",
                                   value=self._buckets.evictions)
+
+
+class _MemoCollector:
+    """``<prefix>_entries``, ``<prefix>_lookups_total{result}`` and ``<prefix>_evictions_total``
+    of hot-path memos (``memo.BoundedMemo``), read at scrape time. ``memos()`` maps a label value
+    (of ``label``; one memo and no label when ``label`` is empty) to (entries, MemoStats)."""
+
+    def __init__(self, prefix: str, what: str, label: str, memos: Any) -> None:
+        self._prefix = prefix
+        self._what = what
+        self._label = label
+        self._memos = memos
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        labels = [self._label] if self._label else []
+        by = f", by {self._label}" if self._label else ""
+        entries = GaugeMetricFamily(f"{self._prefix}_entries", f"{self._what} remembered{by} "
+                                    "(capped; the oldest goes)", labels=labels)
+        lookups = CounterMetricFamily(
+            f"{self._prefix}_lookups", f"Lookups of {self._what}{by}, by result (hit: remembered; "
+            "miss: computed now)", labels=[*labels, "result"])
+        evictions = CounterMetricFamily(
+            f"{self._prefix}_evictions", f"{self._what} dropped because the cap was reached{by}",
+            labels=labels)
+        for value, (size, stats) in self._memos().items():
+            key = [value] if self._label else []
+            entries.add_metric(key, size)
+            lookups.add_metric([*key, "hit"], stats.hits)
+            lookups.add_metric([*key, "miss"], stats.misses)
+            evictions.add_metric(key, stats.evictions)
+        yield entries
+        yield lookups
+        yield evictions

@@ -112,7 +112,8 @@ async def test_an_audited_endpoint_gets_what_policy_would_refuse(rig: Rig) -> No
     assert record.reason.startswith("audit mode, would be denied: ")
     assert record.endpoint["name"] == "canary"
     assert not rig.allow_map.dump()  # nothing selects the name: no allow entry is written
-    queries = rig.metrics.queries.labels("audit", "A", "udp")._value.get()
+    queries = rig.metrics.registry.get_sample_value(
+        "fqdnproxy_queries_total", {"verdict": "audit", "qtype": "A", "protocol": "udp"})
     assert queries == 1
 
 
