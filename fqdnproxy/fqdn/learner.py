@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -237,8 +238,11 @@ class AllowLearner:
 
 @functools.lru_cache(maxsize=65_536)
 def _exact(ip: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """``ip`` as a /32 or /128 network (ipaddress parsing costs microseconds)."""
-    return ipaddress.ip_network(ip)
+    """``ip`` as a /32 or /128 network. Built from the packed address: ipaddress parses text
+    in Python (about 5 µs an address, twice per new IP), inet_pton in C."""
+    if ":" in ip:
+        return ipaddress.IPv6Network(socket.inet_pton(socket.AF_INET6, ip))
+    return ipaddress.IPv4Network(socket.inet_pton(socket.AF_INET, ip))
 
 
 @functools.lru_cache(maxsize=4_096)
@@ -255,8 +259,8 @@ def _static_rules(policy: object, ip: str) -> tuple[tuple[PortRange, ...], tuple
     denies = policy.denies  # type: ignore[attr-defined]
     if not allows and not denies:
         return (), (), False
-    address = ipaddress.ip_address(ip)
     exact = _exact(ip)
+    address = exact.network_address
     allowed: tuple[PortRange, ...] = ()
     denied: tuple[PortRange, ...] = ()
     static = False
