@@ -319,8 +319,9 @@ static __always_inline u64 addr_word(const u8 *addr, int i)
     return ((const u64 *)addr)[i];
 }
 
-/* Writes a 20-byte key laid out | u32 head | 16-byte address | (endpoint_key with the family and
- * three zero pad bytes as head, exact_key with the endpoint id) into a FQDN_KEY_ALIGNED `key`. */
+/* Writes a 20-byte key laid out | u32 head | 16-byte address | into a FQDN_KEY_ALIGNED `key`. The
+ * head: endpoint_key's family and three zero pad bytes, exact_key's endpoint id, dns_key's family,
+ * protocol and port. */
 static __always_inline void put_head_addr_key(void *key, u32 head, const u8 *addr)
 {
     u64 a0 = addr_word(addr, 0), a1 = addr_word(addr, 1);
@@ -741,8 +742,9 @@ int fqdn_egress(struct __sk_buff *skb)
     }
 
     if (f.protocol == IPPROTO_TCP || f.protocol == IPPROTO_UDP) {
-        struct dns_key dk = {.family = f.family, .protocol = f.protocol, .port = f.dport};
-        __builtin_memcpy(dk.addr, f.daddr, 16);
+        struct dns_key dk FQDN_KEY_ALIGNED;
+        u32 head = f.family | (u32)f.protocol << 8 | (u32)f.dport << 16; /* family, protocol, port */
+        put_head_addr_key(&dk, head, f.daddr);
         if (dns_targets.lookup(&dk)) {
             count(o.slot, REASON_PASS_DNS);
             return TC_ACT_OK;
@@ -750,10 +752,8 @@ int fqdn_egress(struct __sk_buff *skb)
         /* The unspecified address (0.0.0.0, stored ::ffff:0.0.0.0, or ::) stands for any server
          * on this port: transparent mode, where the node redirects every query to the proxy,
          * which judges it against rules.dns. */
-        if (f.family == 4)
-            __builtin_memset(dk.addr + 12, 0, 4);
-        else
-            __builtin_memset(dk.addr, 0, 16);
+        u64 unspecified[2] = {0, f.family == 4 ? 0xffff0000ULL : 0}; /* see map_v4 */
+        put_head_addr_key(&dk, head, (u8 *)unspecified);
         if (dns_targets.lookup(&dk)) {
             count(o.slot, REASON_PASS_DNS);
             return TC_ACT_OK;
