@@ -50,6 +50,23 @@ def test_syn_first_then_ct_keeps_the_verdict(dp: egress.EgressDatapath, src: str
     assert counts[Reason.PASS_ESTABLISHED] == 2 and counts[Reason.PASS_ALLOWED] == 1
 
 
+@pytest.mark.parametrize(("src", "dst", "cidr", "unspecified"), [
+    (SRC, DST, "203.0.113.0/24", "0.0.0.0"), (SRC6, DST6, "2001:db8:ff::/48", "::")])
+def test_trie_and_dns_keys_match_userspace(dp: egress.EgressDatapath, src: str, dst: str, cidr: str,
+                                           unspecified: str) -> None:
+    """The program composes its keys word by word ("map keys" in the C): each must find its entry."""
+    assert run(dp, packet(src, dst, 53, "udp")) == SHOT
+    dp.set_dns_target(dst, 53)
+    assert [run(dp, packet(src, dst, 53, proto)) for proto in ("udp", "tcp")] == [OK, OK]
+    assert run(dp, packet(src, dst, 54, "udp")) == SHOT  # the port is part of the key
+    dp.set_dns_target(unspecified, 5353)  # any server on 5353 (transparent mode)
+    assert [run(dp, packet(src, dst, port, "udp")) for port in (5353, 5354)] == [OK, SHOT]
+    dp.upsert_allows([AllowEntry(7, cidr, 0, (PortRange(17, 9999, 9999),))])  # the trie
+    assert [run(dp, packet(src, dst, port, "udp")) for port in (9999, 9998)] == [OK, SHOT]
+    counts = dp.counters()[7]
+    assert counts[Reason.PASS_DNS] == 3 and counts[Reason.PASS_ALLOWED] == 1
+
+
 def test_ct_hit_needs_equal_addresses(dp: egress.EgressDatapath) -> None:
     dp.upsert_allows([AllowEntry(7, DST, 0, (PortRange(6, 443, 443),))])
     assert run(dp, packet(SRC, DST, 443)) == OK
