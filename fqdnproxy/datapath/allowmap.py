@@ -136,14 +136,40 @@ class AllowEntry:
             )
         object.__setattr__(self, "ports", ports)
 
+    @classmethod
+    def trusted(cls, endpoint_id: int, network: Network, expiry_ns: int,
+                ports: tuple[PortRange, ...]) -> AllowEntry:
+        """An entry from fields the caller already holds valid, without ``__post_init__``.
+
+        For the learn stage, which builds one entry per new IP from a registry endpoint id (u32
+        by construction), an ipaddress network, its own expiry and merged ranges (1 to
+        MAX_PORT_RANGES, ``portmath.merge`` refuses more): checking them again cost a third of
+        building an entry. Everything else, input from outside included, uses the constructor.
+        """
+        entry = _new(cls)
+        fields = entry.__dict__
+        fields["endpoint_id"] = endpoint_id
+        fields["network"] = network
+        fields["expiry_ns"] = expiry_ns
+        fields["ports"] = ports
+        return entry
+
     @property
     def key(self) -> AllowKey:
         """The (endpoint, prefix) this entry replaces on upsert."""
         return AllowKey(self.endpoint_id, self.network)
 
+    @property
+    def exact(self) -> bool:
+        """True for a /32 or /128 (``key.exact`` without building the key)."""
+        return self.network.prefixlen == self.network.max_prefixlen
+
     def expired(self, now_ns: int) -> bool:
         """Report whether the kernel would treat the entry as expired at ``now_ns``."""
         return self.expiry_ns != 0 and self.expiry_ns <= now_ns
+
+
+_new = object.__new__
 
 
 class AllowMapWriter(Protocol):

@@ -32,6 +32,7 @@ from fqdnproxy.dns import wire
 from fqdnproxy.errors import FqdnproxyError
 from fqdnproxy.exchange import AllowedIp, Exchange, LearnError
 from fqdnproxy.fqdn.cache import RESTORED, FqdnCache
+from fqdnproxy.fqdn.statics import StaticIndex
 
 NS = 1_000_000_000
 
@@ -94,9 +95,17 @@ class AllowLearner:
         if touched - answered:
             self.sync(decision.policy, endpoint_id, touched - answered)
         wall_offset = self._wall() - now / NS
-        return tuple(
-            AllowedIp(a.ip, entry.expiry_ns / NS + wall_offset, describe_ports(entry.ports))
-            for a in response.addresses if (entry := written.get(a.ip)) is not None)
+        described: dict[int, str] = {}  # id(ports) -> text: the entries of one answer share them
+        allowed_ips = []
+        for a in response.addresses:
+            entry = written.get(a.ip)
+            if entry is not None:
+                ports = entry.ports
+                text = described.get(id(ports))
+                if text is None:
+                    text = described[id(ports)] = describe_ports(ports)
+                allowed_ips.append(AllowedIp(a.ip, entry.expiry_ns / NS + wall_offset, text))
+        return tuple(allowed_ips)
 
     def sync(self, policy: object, endpoint_id: int, ips: Iterable[str],
              delete: bool = True) -> dict[str, AllowEntry]:
@@ -111,9 +120,9 @@ class AllowLearner:
         """
         upserts: dict[str, AllowEntry] = {}
         deletes: list[AllowKey] = []
-        selections: dict[str, tuple[PortRange, ...]] = {}
+        memo = SyncMemo()
         for ip in ips:
-            entry = self.entry_for(policy, endpoint_id, ip, selections)
+            entry = self.entry_for(policy, endpoint_id, ip, memo)
             if entry is None:
                 if delete:
                     deletes.append(AllowKey(endpoint_id, _exact(ip)))
@@ -133,8 +142,7 @@ class AllowLearner:
         self._restored[(entry.endpoint_id, str(entry.network.network_address))] = entry.ports
 
     def entry_for(self, policy: object, endpoint_id: int, ip: str,
-                  selections: dict[str, tuple[PortRange, ...]] | None = None
-                  ) -> AllowEntry | None:
+                  memo: SyncMemo | None = None) -> AllowEntry | None:
         """The one map entry for (endpoint, ``ip``/32 or /128), or None if it should not exist.
 
         Everything that decides this exact key meets here, so nothing else writes it: the names
@@ -142,22 +150,23 @@ class AllowLearner:
         start, and the static rules covering the IP (allows added, denies taken away). A static
         rule naming exactly this address (toCIDR 192.0.2.7/32, a toEndpoints peer) makes the
         entry static: expiry 0, kept even when nothing was learned, and written as a deny
-        marker when denies leave no ports. ``selections`` memoizes ``select`` per name across
-        the IPs of one answer.
+        marker when denies leave no ports. ``memo`` carries what one sync computes once for all
+        its IPs (``select`` per name, and the ranges of a name alone).
         """
-        if selections is None:
-            selections = {}
+        if memo is None:
+            memo = SyncMemo()
         allowed: tuple[PortRange, ...] = ()
         learned = False
         expiry = 0
-        for name, name_expiry in self.cache.holders(endpoint_id, ip).items():
+        holders = self.cache.holders(endpoint_id, ip)
+        for name, name_expiry in holders.items():
             if name == RESTORED:
                 ranges = self._restored.get((endpoint_id, ip), ())
             else:
-                ranges = selections.get(name)  # type: ignore[assignment]
+                ranges = memo.selected.get(name)  # type: ignore[assignment]
                 if ranges is None:
                     selected = policy.select(name)  # type: ignore[attr-defined]
-                    ranges = selections[name] = (
+                    ranges = memo.selected[name] = (
                         _policy_ranges(selected) if selected is not None else ())
             if ranges:
                 allowed += ranges
@@ -165,18 +174,27 @@ class AllowLearner:
                 expiry = max(expiry, name_expiry)
         if not learned:
             self._restored.pop((endpoint_id, ip), None)
-        static_allowed, denied, static = _static_rules(policy, ip)
+        family, address = _address(ip)
+        static_allowed, denied, static = _static_index(policy).cover(family, address)
         if not learned and not static:
             return None
         try:
-            ranges = _final_ranges(allowed + static_allowed, denied)
-            if static:
-                return AllowEntry(endpoint_id, _exact(ip), 0, ranges or portmath.NO_PORTS)
-            if not ranges:
-                return None  # wholly denied: the broader static deny entry decides
-            return AllowEntry(endpoint_id, _exact(ip), expiry, ranges)
+            if len(holders) == 1 and not static_allowed and not denied:
+                # The common case, one name and no static rule: its ranges, merged once per sync.
+                alone = memo.alone.get(id(allowed))
+                if alone is None:
+                    alone = memo.alone[id(allowed)] = (allowed, _final_ranges(allowed, ()))
+                ranges = alone[1]
+            else:
+                ranges = _final_ranges(allowed + static_allowed, denied)
         except AllowEntryError as error:
             raise LearnError(str(error)) from error
+        if static:
+            return AllowEntry.trusted(endpoint_id, _network(family, address), 0,
+                                      ranges or portmath.NO_PORTS)
+        if not ranges:
+            return None  # wholly denied: the broader static deny entry decides
+        return AllowEntry.trusted(endpoint_id, _network(family, address), expiry, ranges)
 
     # --- outside the query path -----------------------------------------------------------------
 
@@ -231,48 +249,53 @@ class AllowLearner:
             return 0  # expired entries are harmless: the kernel checks expiry itself
 
 
-# --- memos -------------------------------------------------------------------------------------
-# The learn stage runs for every answer and mostly sees the same IPs, policies and port sets
-# again; each memo is an LRU with a cap (its size is exported as fqdnproxy_learner_memo_entries).
-# Keys hold policy objects, so a replaced policy is never confused with its successor.
+class SyncMemo:
+    """What one ``sync`` computes once for all its IPs (the IPs of one answer, mostly)."""
 
-@functools.lru_cache(maxsize=65_536)
-def _exact(ip: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """``ip`` as a /32 or /128 network. Built from the packed address: ipaddress parses text
-    in Python (about 5 µs an address, twice per new IP), inet_pton in C."""
+    __slots__ = ("selected", "alone")
+
+    def __init__(self) -> None:
+        self.selected: dict[str, tuple[PortRange, ...]] = {}  # name -> ranges select(name) gives
+        # id(ranges of one name) -> (those ranges, merged). By identity: hashing a tuple of
+        # PortRange calls each one's __hash__ in Python, a microsecond per IP for nothing, and
+        # one name's ranges are one object for the whole sync (kept alive here).
+        self.alone: dict[int, tuple[tuple[PortRange, ...], tuple[PortRange, ...]]] = {}
+
+
+def _address(ip: str) -> tuple[int, int]:
+    """(family, integer value) of an IP in text: inet_pton in C, not ipaddress's parser."""
     if ":" in ip:
-        return ipaddress.IPv6Network(socket.inet_pton(socket.AF_INET6, ip))
-    return ipaddress.IPv4Network(socket.inet_pton(socket.AF_INET, ip))
+        return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, ip), "big")
+    return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, ip), "big")
 
+
+def _network(family: int, address: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """The /32 or /128 of an address (from its integer: no text to parse)."""
+    if family == 4:
+        return ipaddress.IPv4Network(address)
+    return ipaddress.IPv6Network(address)
+
+
+def _exact(ip: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """``ip`` (text) as a /32 or /128 network."""
+    return _network(*_address(ip))
+
+
+# --- memos -------------------------------------------------------------------------------------
+# The learn stage runs for every answer and mostly sees the same policies and port sets again;
+# each memo is an LRU with a cap (its size is exported as fqdnproxy_learner_memo_entries). Keys
+# hold policy objects, so a replaced policy is never confused with its successor. Nothing here is
+# per IP: a new IP costs integer arithmetic, not a memo entry.
 
 @functools.lru_cache(maxsize=4_096)
 def _policy_ranges(ports: object) -> tuple[PortRange, ...]:
     return portmath.from_policy(ports)  # type: ignore[arg-type]
 
 
-@functools.lru_cache(maxsize=65_536)
-def _static_rules(policy: object, ip: str) -> tuple[tuple[PortRange, ...], tuple[PortRange, ...],
-                                                     bool]:
-    """(ranges the static allows covering ``ip`` add, ranges its denies take, whether a static
-    rule names exactly this address)."""
-    allows = policy.allows  # type: ignore[attr-defined]
-    denies = policy.denies  # type: ignore[attr-defined]
-    if not allows and not denies:
-        return (), (), False
-    exact = _exact(ip)
-    address = exact.network_address
-    allowed: tuple[PortRange, ...] = ()
-    denied: tuple[PortRange, ...] = ()
-    static = False
-    for rule in allows:
-        if rule.covers(address):
-            allowed += _policy_ranges(rule.ports)
-            static = static or exact in rule.networks
-    for rule in denies:
-        if rule.covers(address):
-            denied += _policy_ranges(rule.ports)
-            static = static or exact in rule.networks
-    return allowed, denied, static
+@functools.lru_cache(maxsize=4_096)
+def _static_index(policy: object) -> StaticIndex:
+    """The static allows and denies of ``policy`` (one per endpoint) as prefix tables."""
+    return StaticIndex(policy.allows, policy.denies, _policy_ranges)  # type: ignore[attr-defined]
 
 
 @functools.lru_cache(maxsize=4_096)
@@ -283,7 +306,6 @@ def _final_ranges(allowed: tuple[PortRange, ...], denied: tuple[PortRange, ...]
 
 def memo_sizes() -> dict[str, int]:
     """Entries held by each memo of the learn stage, for the metrics."""
-    return {"networks": _exact.cache_info().currsize,
-            "port_sets": _policy_ranges.cache_info().currsize,
-            "static_rules": _static_rules.cache_info().currsize,
+    return {"port_sets": _policy_ranges.cache_info().currsize,
+            "static_rules": _static_index.cache_info().currsize,
             "final_ranges": _final_ranges.cache_info().currsize}

@@ -81,3 +81,24 @@ def test_importable_without_bcc() -> None:
     code = ("import sys; sys.modules['bcc'] = None; "
             "from fqdnproxy.datapath import allowmap, maps, pinned; print('ok')")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == "ok\n"
+
+
+def test_trusted_entries_equal_checked_ones() -> None:
+    ports = (PortRange(6, 443, 443),)
+    for net in ("192.0.2.7/32", "2001:db8::7/128"):
+        network = ipaddress.ip_network(net)
+        trusted = AllowEntry.trusted(3, network, 5, ports)
+        checked = AllowEntry(3, network, 5, ports)
+        assert trusted == checked and hash(trusted) == hash(checked) and repr(trusted) == repr(checked)
+        assert trusted.exact and trusted.key == checked.key
+    assert not AllowEntry(3, "192.0.2.0/24").exact
+
+
+def test_batch_packing_agrees_with_the_codecs() -> None:
+    from fqdnproxy.datapath import pinned
+
+    shared = (PortRange(6, 443, 443), PortRange(17, 53, 53))
+    entries = [AllowEntry(1, "192.0.2.7/32", 10, shared), AllowEntry(2, "2001:db8::7/128", 0),
+               AllowEntry(2**32 - 1, "198.51.100.1/32", 2**63, shared)]
+    assert pinned._pack_exact_keys(entries) == b"".join(bytes(maps.encode_key(e.key)) for e in entries)
+    assert pinned._pack_values(entries) == b"".join(bytes(maps.encode_value(e)) for e in entries)
