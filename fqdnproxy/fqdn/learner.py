@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from fqdnproxy.datapath.allowmap import (
 from fqdnproxy.dns import wire
 from fqdnproxy.errors import FqdnproxyError
 from fqdnproxy.exchange import AllowedIp, Exchange, LearnError
+from fqdnproxy.fqdn import ipkey
 from fqdnproxy.fqdn.cache import RESTORED, FqdnCache
 from fqdnproxy.fqdn.statics import StaticIndex
 
@@ -64,7 +64,7 @@ class AllowLearner:
         self._policy_for = policy_for
         # Map entries found at start without a name (cache.RESTORED): their ports, kept as they
         # were until they expire, since no name says what they should be now.
-        self._restored: dict[tuple[int, str], tuple[PortRange, ...]] = {}
+        self._restored: dict[tuple[int, int], tuple[PortRange, ...]] = {}  # (endpoint, ip key)
         self._clock = clock
         self._wall = wall
 
@@ -82,23 +82,25 @@ class AllowLearner:
         now = self._clock()
         floor = self.settings.min_ttl
         endpoint_id = decision.endpoint.id
-        touched = self.cache.learn(
+        addresses = response.addresses
+        keys = [ipkey.key(a.ip) for a in addresses]  # each IP's text is read once, here
+        touched = self.cache.learn_keys(
             endpoint_id, exchange.query.question.name,
-            [(a.ip, now + max(a.ttl, floor) * NS) for a in response.addresses],
+            [(k, now + max(a.ttl, floor) * NS) for k, a in zip(keys, addresses)],
             now, self.settings.ttl_headroom)
         if not decision.policy.enforced or not touched:
             return ()
         # The answer's own IPs never need a delete: had no rule selected them before, nothing
         # was written for them. IPs a cap evicted may have had an entry.
-        answered = {a.ip for a in response.addresses}
-        written = self.sync(decision.policy, endpoint_id, touched & answered, delete=False)
+        answered = set(keys)
+        written = self._sync(decision.policy, endpoint_id, touched & answered, delete=False)
         if touched - answered:
-            self.sync(decision.policy, endpoint_id, touched - answered)
+            self._sync(decision.policy, endpoint_id, touched - answered)
         wall_offset = self._wall() - now / NS
         described: dict[int, str] = {}  # id(ports) -> text: the entries of one answer share them
         allowed_ips = []
-        for a in response.addresses:
-            entry = written.get(a.ip)
+        for k, a in zip(keys, addresses):
+            entry = written.get(k)
             if entry is not None:
                 ports = entry.ports
                 text = described.get(id(ports))
@@ -118,16 +120,22 @@ class AllowLearner:
         Raises:
             LearnError: the map refused the write.
         """
-        upserts: dict[str, AllowEntry] = {}
+        written = self._sync(policy, endpoint_id, {ipkey.key(ip) for ip in ips}, delete)
+        return {ipkey.text(k): entry for k, entry in written.items()}
+
+    def _sync(self, policy: object, endpoint_id: int, ip_keys: Iterable[int],
+              delete: bool = True) -> dict[int, AllowEntry]:
+        """``sync`` of IPs given as ``ipkey`` keys; the entries written, by key."""
+        upserts: dict[int, AllowEntry] = {}
         deletes: list[AllowKey] = []
         memo = SyncMemo()
-        for ip in ips:
-            entry = self.entry_for(policy, endpoint_id, ip, memo)
+        for k in ip_keys:
+            entry = self._entry_for_key(policy, endpoint_id, k, memo)
             if entry is None:
                 if delete:
-                    deletes.append(AllowKey(endpoint_id, _exact(ip)))
+                    deletes.append(AllowKey(endpoint_id, _network(k)))
             else:
-                upserts[ip] = entry
+                upserts[k] = entry
         try:
             if upserts:
                 self.writer.upsert_allows(list(upserts.values()))
@@ -139,7 +147,8 @@ class AllowLearner:
 
     def keep_restored(self, entry: AllowEntry) -> None:
         """Remember the ports of a map entry restored at start without a name."""
-        self._restored[(entry.endpoint_id, str(entry.network.network_address))] = entry.ports
+        self._restored[(entry.endpoint_id, ipkey.key(str(entry.network.network_address)))] = \
+            entry.ports
 
     def entry_for(self, policy: object, endpoint_id: int, ip: str,
                   memo: SyncMemo | None = None) -> AllowEntry | None:
@@ -153,15 +162,20 @@ class AllowLearner:
         marker when denies leave no ports. ``memo`` carries what one sync computes once for all
         its IPs (``select`` per name, and the ranges of a name alone).
         """
+        return self._entry_for_key(policy, endpoint_id, ipkey.key(ip), memo)
+
+    def _entry_for_key(self, policy: object, endpoint_id: int, ip_key: int,
+                       memo: SyncMemo | None = None) -> AllowEntry | None:
+        """``entry_for`` an IP given as an ``ipkey`` key."""
         if memo is None:
             memo = SyncMemo()
         allowed: tuple[PortRange, ...] = ()
         learned = False
         expiry = 0
-        holders = self.cache.holders(endpoint_id, ip)
+        holders = self.cache.holders_of_key(endpoint_id, ip_key)
         for name, name_expiry in holders.items():
             if name == RESTORED:
-                ranges = self._restored.get((endpoint_id, ip), ())
+                ranges = self._restored.get((endpoint_id, ip_key), ())
             else:
                 ranges = memo.selected.get(name)  # type: ignore[assignment]
                 if ranges is None:
@@ -173,9 +187,8 @@ class AllowLearner:
                 learned = True
                 expiry = max(expiry, name_expiry)
         if not learned:
-            self._restored.pop((endpoint_id, ip), None)
-        family, address = _address(ip)
-        static_allowed, denied, static = _static_index(policy).cover(family, address)
+            self._restored.pop((endpoint_id, ip_key), None)
+        static_allowed, denied, static = _static_index(policy).cover(*ipkey.split(ip_key))
         if not learned and not static:
             return None
         try:
@@ -190,11 +203,10 @@ class AllowLearner:
         except AllowEntryError as error:
             raise LearnError(str(error)) from error
         if static:
-            return AllowEntry.trusted(endpoint_id, _network(family, address), 0,
-                                      ranges or portmath.NO_PORTS)
+            return AllowEntry.trusted(endpoint_id, _network(ip_key), 0, ranges or portmath.NO_PORTS)
         if not ranges:
             return None  # wholly denied: the broader static deny entry decides
-        return AllowEntry.trusted(endpoint_id, _network(family, address), expiry, ranges)
+        return AllowEntry.trusted(endpoint_id, _network(ip_key), expiry, ranges)
 
     # --- outside the query path -----------------------------------------------------------------
 
@@ -210,12 +222,11 @@ class AllowLearner:
                                 else self.cache.endpoint_ids()):
             policy = self._policy_for(endpoint_id)
             if policy is None:
-                ips = self.cache.remove_endpoint(endpoint_id)
-                changed += self._delete(endpoint_id, ips)
+                changed += self._delete(endpoint_id, self.cache.remove_endpoint_keys(endpoint_id))
                 continue
-            ips = {entry.ip for entry in self.cache.entries(endpoint_id)}
-            self.sync(policy, endpoint_id, ips)
-            changed += len(ips)
+            ip_keys = self.cache.keys(endpoint_id)
+            self._sync(policy, endpoint_id, ip_keys)
+            changed += len(ip_keys)
         return changed
 
     def collect_garbage(self, now_ns: int, budget: int) -> int:
@@ -224,23 +235,27 @@ class AllowLearner:
         The kernel already ignores expired entries; this frees their space in the cache and the
         map. Bounded work per call, so the agent can run it between queries.
         """
-        expired = self.cache.expire(now_ns, budget)
-        by_endpoint: dict[int, set[str]] = {}
-        for endpoint_id, ip in expired:
-            by_endpoint.setdefault(endpoint_id, set()).add(ip)
+        expired = self.cache.expire_keys(now_ns, budget)
+        by_endpoint: dict[int, set[int]] = {}
+        for endpoint_id, k in expired:
+            by_endpoint.setdefault(endpoint_id, set()).add(k)
         for endpoint_id, ips in by_endpoint.items():
             policy = self._policy_for(endpoint_id)
             if policy is None or not getattr(policy, "enforced", False):
                 self._delete(endpoint_id, ips)
             else:
                 try:
-                    self.sync(policy, endpoint_id, ips)
+                    self._sync(policy, endpoint_id, ips)
                 except LearnError:
                     pass  # rewrites of still-held IPs are retried by the next lookup
         return len(expired)
 
-    def _delete(self, endpoint_id: int, ips: Iterable[str]) -> int:
-        keys = [AllowKey(endpoint_id, _exact(ip)) for ip in ips]
+    def delete(self, endpoint_id: int, ips: Iterable[str]) -> int:
+        """Delete the map entries of ``ips`` (text) of ``endpoint_id``; how many existed."""
+        return self._delete(endpoint_id, {ipkey.key(ip) for ip in ips})
+
+    def _delete(self, endpoint_id: int, ip_keys: Iterable[int]) -> int:
+        keys = [AllowKey(endpoint_id, _network(k)) for k in ip_keys]
         if not keys:
             return 0
         try:
@@ -252,7 +267,7 @@ class AllowLearner:
 class SyncMemo:
     """What one ``sync`` computes once for all its IPs (the IPs of one answer, mostly)."""
 
-    __slots__ = ("selected", "alone")
+    __slots__ = ("alone", "selected")
 
     def __init__(self) -> None:
         self.selected: dict[str, tuple[PortRange, ...]] = {}  # name -> ranges select(name) gives
@@ -262,23 +277,11 @@ class SyncMemo:
         self.alone: dict[int, tuple[tuple[PortRange, ...], tuple[PortRange, ...]]] = {}
 
 
-def _address(ip: str) -> tuple[int, int]:
-    """(family, integer value) of an IP in text: inet_pton in C, not ipaddress's parser."""
-    if ":" in ip:
-        return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, ip), "big")
-    return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, ip), "big")
-
-
-def _network(family: int, address: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """The /32 or /128 of an address (from its integer: no text to parse)."""
-    if family == 4:
-        return ipaddress.IPv4Network(address)
-    return ipaddress.IPv6Network(address)
-
-
-def _exact(ip: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """``ip`` (text) as a /32 or /128 network."""
-    return _network(*_address(ip))
+def _network(ip_key: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """The /32 or /128 of an ``ipkey`` key (from its integer: no text to parse)."""
+    if ip_key < ipkey.V6:
+        return ipaddress.IPv4Network(ip_key)
+    return ipaddress.IPv6Network(ip_key - ipkey.V6)
 
 
 # --- memos -------------------------------------------------------------------------------------
