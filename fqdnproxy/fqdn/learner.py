@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from fqdnproxy.datapath import portmath
+from fqdnproxy.datapath import allowmap, portmath
 from fqdnproxy.datapath.allowmap import (
     AllowEntry, AllowEntryError, AllowKey, AllowMapWriter, PortRange, kernel_now_ns)
 from fqdnproxy.dns import wire
@@ -279,9 +279,7 @@ class SyncMemo:
 
 def _network(ip_key: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """The /32 or /128 of an ``ipkey`` key (from its integer: no text to parse)."""
-    if ip_key < ipkey.V6:
-        return ipaddress.IPv4Network(ip_key)
-    return ipaddress.IPv6Network(ip_key - ipkey.V6)
+    return allowmap.host_network(*ipkey.split(ip_key))
 
 
 # --- memos -------------------------------------------------------------------------------------

@@ -102,3 +102,16 @@ def test_batch_packing_agrees_with_the_codecs() -> None:
                AllowEntry(2**32 - 1, "198.51.100.1/32", 2**63, shared)]
     assert pinned._pack_exact_keys(entries) == b"".join(bytes(maps.encode_key(e.key)) for e in entries)
     assert pinned._pack_values(entries) == b"".join(bytes(maps.encode_value(e)) for e in entries)
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "192.0.2.7", "255.255.255.255", "::",
+                                     "2001:db8::7", "::ffff:192.0.2.7"])
+def test_host_network_is_what_ip_network_builds(address: str) -> None:
+    ip = ipaddress.ip_address(address)
+    made = allowmap.host_network(ip.version, int(ip))
+    real = ipaddress.ip_network(ip)
+    assert allowmap._FAST_HOSTS  # on this Python the shortcut is in use, so it is what is tested
+    assert made == real and hash(made) == hash(real) and type(made) is type(real)
+    assert (str(made), repr(made), made.prefixlen, made.netmask, made.broadcast_address) == (
+        str(real), repr(real), real.prefixlen, real.netmask, real.broadcast_address)
+    assert list(made.hosts()) == list(real.hosts()) and made.__dict__.keys() == real.__dict__.keys()
