@@ -115,9 +115,8 @@ def _pack_values(entries: Sequence[AllowEntry]) -> bytes:
 def _pack_exact_keys(entries: Sequence[AllowEntry]) -> bytes:
     v4, v6 = _EXACT_KEY.pack, _EXACT_KEY6.pack
     return b"".join(
-        v4(e.endpoint_id, maps.V4_MAPPED, address.packed) if address.version == 4
-        else v6(e.endpoint_id, address.packed)
-        for e in entries for address in (e.network.network_address,))
+        v4(e.endpoint_id, maps.V4_MAPPED, packed) if len(packed) == 4 else v6(e.endpoint_id, packed)
+        for e in entries for packed in (e.network.network_address.packed,))
 
 
 class PinnedMaps:

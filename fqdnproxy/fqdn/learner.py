@@ -128,7 +128,7 @@ class AllowLearner:
         """``sync`` of IPs given as ``ipkey`` keys; the entries written, by key."""
         upserts: dict[int, AllowEntry] = {}
         deletes: list[AllowKey] = []
-        memo = SyncMemo()
+        memo = SyncMemo(policy)
         for k in ip_keys:
             entry = self._entry_for_key(policy, endpoint_id, k, memo)
             if entry is None:
@@ -168,7 +168,7 @@ class AllowLearner:
                        memo: SyncMemo | None = None) -> AllowEntry | None:
         """``entry_for`` an IP given as an ``ipkey`` key."""
         if memo is None:
-            memo = SyncMemo()
+            memo = SyncMemo(policy)
         allowed: tuple[PortRange, ...] = ()
         learned = False
         expiry = 0
@@ -185,10 +185,12 @@ class AllowLearner:
             if ranges:
                 allowed += ranges
                 learned = True
-                expiry = max(expiry, name_expiry)
+                if name_expiry > expiry:
+                    expiry = name_expiry
         if not learned:
             self._restored.pop((endpoint_id, ip_key), None)
-        static_allowed, denied, static = _static_index(policy).cover(*ipkey.split(ip_key))
+        family, address = ipkey.split(ip_key)
+        static_allowed, denied, static = memo.statics.cover(family, address)
         if not learned and not static:
             return None
         try:
@@ -203,10 +205,12 @@ class AllowLearner:
         except AllowEntryError as error:
             raise LearnError(str(error)) from error
         if static:
-            return AllowEntry.trusted(endpoint_id, _network(ip_key), 0, ranges or portmath.NO_PORTS)
+            return AllowEntry.trusted(endpoint_id, allowmap.host_network(family, address), 0,
+                                      ranges or portmath.NO_PORTS)
         if not ranges:
             return None  # wholly denied: the broader static deny entry decides
-        return AllowEntry.trusted(endpoint_id, _network(ip_key), expiry, ranges)
+        return AllowEntry.trusted(endpoint_id, allowmap.host_network(family, address), expiry,
+                                  ranges)
 
     # --- outside the query path -----------------------------------------------------------------
 
@@ -265,11 +269,12 @@ class AllowLearner:
 
 
 class SyncMemo:
-    """What one ``sync`` computes once for all its IPs (the IPs of one answer, mostly)."""
+    """What one ``sync`` (of one policy) computes once for all its IPs (one answer's, mostly)."""
 
-    __slots__ = ("alone", "selected")
+    __slots__ = ("alone", "selected", "statics")
 
-    def __init__(self) -> None:
+    def __init__(self, policy: object) -> None:
+        self.statics = _static_index(policy)
         self.selected: dict[str, tuple[PortRange, ...]] = {}  # name -> ranges select(name) gives
         # id(ranges of one name) -> (those ranges, merged). By identity: hashing a tuple of
         # PortRange calls each one's __hash__ in Python, a microsecond per IP for nothing, and
