@@ -24,7 +24,7 @@ one answer raised to one expiry, not one IP: a million items were a third of the
 Items made stale by a later refresh are skipped when popped, and the heap is rebuilt when the IPs
 its items name outnumber twice the live entries, so its size stays within twice the entry count.
 
-Memory (about 115 bytes an entry at 1M, IPv4): the IP as an integer key (``ipkey``), shared by
+Memory (about 125 bytes an entry at 1M, IPv4): the IP as an integer key (``ipkey``), shared by
 every index; one slot in its name's dict and one in the endpoint's holders; the expiry is one
 int shared by the IPs of an answer; names are interned. IPs are text at the public methods; the
 learn stage uses the ``*_keys`` methods, which take and give keys, and converts each IP once.
