@@ -4,7 +4,8 @@
 
 Fills an ``FqdnCache`` with ENTRIES (endpoint, name, IP) entries the way answers do (1,000
 endpoints, names of 10 IPs each), then measures what the agent's event loop would feel:
-- learn: entries per second through ``FqdnCache.learn`` (the cache part of the learn stage);
+- learn: entries per second through ``FqdnCache.learn_keys``, each IP's text turned into its key
+  (``fqdn.ipkey``) on the way, as ``AllowLearner.learn`` does (the cache part of the learn stage);
 - gc: the longest single ``AllowLearner.collect_garbage`` step of ``--batch`` entries while
   every entry expires (the in-memory allow map stands in for the kernel map's writes);
 - snapshot: the longest single ``snapshot_chunks`` step (what the loop does between yields);
@@ -22,6 +23,7 @@ import resource
 import time
 
 from fqdnproxy.datapath.allowmap import NullAllowMap
+from fqdnproxy.fqdn import ipkey
 from fqdnproxy.fqdn.cache import CacheLimits, FqdnCache
 from fqdnproxy.fqdn.learner import AllowLearner
 
@@ -46,8 +48,9 @@ def main() -> None:
     started = time.perf_counter()
     for n in range(names):
         endpoint = n % 1_000
-        addresses = [(f"10.{(n >> 8) & 255}.{n & 255}.{i}", (1 + n % 600) * S) for i in range(10)]
-        cache.learn(endpoint, f"name{n}.example.", addresses)
+        addresses = [(ipkey.key(f"10.{(n >> 8) & 255}.{n & 255}.{i}"), (1 + n % 600) * S)
+                     for i in range(10)]
+        cache.learn_keys(endpoint, f"name{n}.example.", addresses)
     learn_s = time.perf_counter() - started
     full_rss = rss_mb()
     t = time.perf_counter()

@@ -81,7 +81,9 @@ from fqdnproxy.policy.reload import PolicyStore
 
 log = logging.getLogger("fqdnproxy")
 
-SNAPSHOT_CHUNK = 5_000  # entries copied per event-loop step while snapshotting
+# Entries copied per event-loop step while snapshotting; each one's IP is turned back into text
+# then (the cache holds integer keys), about a microsecond: 2,000 keep a step near 2 ms.
+SNAPSHOT_CHUNK = 2_000
 
 
 class StartupError(FqdnproxyError):

@@ -266,7 +266,7 @@ def cache_clean(cache: FqdnCache, learner: Any, registry: Any,
             continue
         policy = policy_for(endpoint_id)
         if policy is None or not policy.enforced:
-            result["map_deleted"] += learner._delete(endpoint_id, ips)
+            result["map_deleted"] += learner.delete(endpoint_id, ips)
         else:
             written = learner.sync(policy, endpoint_id, ips)
             result["map_rewritten"] += len(written)

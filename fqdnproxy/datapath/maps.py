@@ -21,7 +21,7 @@ PINNED_MAPS = (
     "meta", "endpoints", "ifaces", "allow", "allow_exact", "ct", "counters", "slots", "dns_targets",
 )
 
-_V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
+V4_MAPPED = b"\x00" * 10 + b"\xff\xff"  # the prefix of an IPv4 address in the maps
 
 
 class EndpointFlags(enum.IntFlag):
@@ -219,7 +219,7 @@ def layout_cflags() -> list[str]:
 def pack_addr(address: Address) -> bytes:
     """Return the 16 bytes the maps hold: IPv6 as is, IPv4 as ::ffff:a.b.c.d."""
     if address.version == 4:
-        return _V4_MAPPED + address.packed
+        return V4_MAPPED + address.packed
     return address.packed
 
 
@@ -273,10 +273,10 @@ def decode_key(raw: ExactKey | AllowKeyC) -> AllowKey:
     """Inverse of ``encode_key``."""
     addr = bytes(raw.addr)
     if isinstance(raw, ExactKey) or not hasattr(raw, "prefixlen"):
-        v4 = addr[:12] == _V4_MAPPED
+        v4 = addr[:12] == V4_MAPPED
         return AllowKey(raw.endpoint_id, ipaddress.ip_network(unpack_addr(addr, 4 if v4 else 6)))
     bits = raw.prefixlen - 32
-    if addr[:12] == _V4_MAPPED and bits >= 96:
+    if addr[:12] == V4_MAPPED and bits >= 96:
         return AllowKey(raw.endpoint_id, ipaddress.IPv4Network((addr[12:], bits - 96)))
     return AllowKey(raw.endpoint_id, ipaddress.IPv6Network((addr, bits)))
 

@@ -88,20 +88,35 @@ def check_layout(pin_dir: Path) -> bool:
     return found
 
 
+# The learn stage writes every new IP through these, so they pack with precompiled structs and
+# pack each distinct port set once per batch (the entries of one answer share one).
+_EXACT_KEY = struct.Struct("<I12s4s")  # endpoint id, then ::ffff: and the IPv4 address
+_EXACT_KEY6 = struct.Struct("<I16s")
+_VALUE_HEAD = struct.Struct("<QII")  # expiry, number of ranges, pad
+_RANGE = struct.Struct("<HHB3x")  # first, last, protocol
+_RANGES_SIZE = _RANGE.size * maps.MAX_PORT_RANGES
+
+
 def _pack_values(entries: Sequence[AllowEntry]) -> bytes:
-    out = bytearray()
-    pad = b"\x00" * 8 * (maps.MAX_PORT_RANGES - 1)
+    packed_ports: dict[int, bytes] = {}  # id(ports) -> ranges packed and padded
+    head = _VALUE_HEAD.pack
+    out = []
     for e in entries:
-        out += struct.pack("<QII", e.expiry_ns, len(e.ports), 0)
-        ranges = b"".join(struct.pack("<HHB3x", r.first, r.last, r.protocol) for r in e.ports)
-        out += ranges + pad[: 8 * maps.MAX_PORT_RANGES - len(ranges)]
-    return bytes(out)
+        ports = e.ports
+        ranges = packed_ports.get(id(ports))
+        if ranges is None:
+            ranges = b"".join(_RANGE.pack(r.first, r.last, r.protocol) for r in ports)
+            ranges = packed_ports[id(ports)] = ranges.ljust(_RANGES_SIZE, b"\x00")
+        out.append(head(e.expiry_ns, len(ports), 0))
+        out.append(ranges)
+    return b"".join(out)
 
 
 def _pack_exact_keys(entries: Sequence[AllowEntry]) -> bytes:
+    v4, v6 = _EXACT_KEY.pack, _EXACT_KEY6.pack
     return b"".join(
-        struct.pack("<I", e.endpoint_id) + maps.pack_addr(e.network.network_address) for e in entries
-    )
+        v4(e.endpoint_id, maps.V4_MAPPED, packed) if len(packed) == 4 else v6(e.endpoint_id, packed)
+        for e in entries for packed in (e.network.network_address.packed,))
 
 
 class PinnedMaps:
@@ -263,8 +278,10 @@ class PinnedMaps:
         One BPF_MAP_UPDATE_BATCH per ``BATCH`` entries. Each (endpoint, prefix) holds one entry:
         callers merge the ports of rules for the same prefix (DESIGN.md, merge rule).
         """
-        exact = [e for e in entries if e.key.exact]
-        trie = [e for e in entries if not e.key.exact]
+        exact = []
+        trie = []
+        for e in entries:
+            (exact if e.exact else trie).append(e)
         for start in range(0, len(exact), BATCH):
             chunk = exact[start:start + BATCH]
             keys = ctypes.create_string_buffer(_pack_exact_keys(chunk), len(chunk) * 20)

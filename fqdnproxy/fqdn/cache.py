@@ -17,18 +17,27 @@ Caps, each with an eviction rule and a counter in ``evictions``:
 - ``max_names_per_endpoint``: the least recently looked-up name goes first;
 - ``max_entries`` (all endpoints): the entry that expires soonest goes first.
 
-Complexity: ``learn`` is O(k log n) for k addresses (a heap push each); ``expire`` is O(e log n)
-for e entries removed (plus stale heap items skipped); eviction by name is O(1) (names are kept in
-look-up order). The expiry heap holds one item per (re)learned entry; items made stale by a later
-refresh are skipped when popped, and the heap is rebuilt when stale items outnumber live ones, so
-its size stays within twice the entry count.
+Complexity: ``learn`` is O(k + log n) for k addresses (one heap push per distinct expiry, so one
+per answer as a rule); ``expire`` is O(e + log n) for e entries removed (plus stale items
+skipped); eviction by name is O(1) (names are kept in look-up order). A heap item holds the IPs
+one answer raised to one expiry, not one IP: a million items were a third of the cache's memory.
+Items made stale by a later refresh are skipped when popped, and the heap is rebuilt when the IPs
+its items name outnumber twice the live entries, so its size stays within twice the entry count.
+
+Memory (about 125 bytes an entry at 1M, IPv4): the IP as an integer key (``ipkey``), shared by
+every index; one slot in its name's dict and one in the endpoint's holders; the expiry is one
+int shared by the IPs of an answer; names are interned. IPs are text at the public methods; the
+learn stage uses the ``*_keys`` methods, which take and give keys, and converts each IP once.
 """
 
 from __future__ import annotations
 
 import heapq
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+
+from fqdnproxy.fqdn import ipkey
 
 RESTORED = "restored"  # source of entries found in the pinned map but not in the snapshot
 LOOKUP = "lookup"
@@ -56,12 +65,12 @@ class CacheEntry:
 
 @dataclass
 class _Endpoint:
-    # name -> ip -> expiry; dict order is look-up order (least recent first)
-    names: dict[str, dict[str, int]] = field(default_factory=dict)
-    # ip -> the name holding it, or a tuple of names when several do. Not a set per IP: a
+    # name -> ip key -> expiry; dict order is look-up order (least recent first)
+    names: dict[str, dict[int, int]] = field(default_factory=dict)
+    # ip key -> the name holding it, or a tuple of names when several do. Not a set per IP: a
     # million sets are a million objects for Python's cyclic GC to walk (a 200 ms pause at 1M
     # entries here); a str or a tuple of str is not tracked by it.
-    holders: dict[str, str | tuple[str, ...]] = field(default_factory=dict)
+    holders: dict[int, str | tuple[str, ...]] = field(default_factory=dict)
 
 
 class FqdnCache:
@@ -70,7 +79,9 @@ class FqdnCache:
     def __init__(self, limits: CacheLimits = CacheLimits()) -> None:
         self.limits = limits
         self._endpoints: dict[int, _Endpoint] = {}
-        self._heap: list[tuple[int, int, str, str]] = []  # (expiry, endpoint, name, ip)
+        # (expiry, endpoint, name, IPs that answer raised to that expiry, sorted)
+        self._heap: list[tuple[int, int, str, tuple[int, ...]]] = []
+        self._heap_ips = 0  # IPs named by heap items, stale ones included
         self._entries = 0
         self.evictions: dict[str, int] = {"ips_per_name": 0, "names_per_endpoint": 0,
                                            "entries": 0}
@@ -97,14 +108,29 @@ class FqdnCache:
         endpoint = self._endpoints.get(endpoint_id)
         if endpoint is None:
             return {}
-        return dict(endpoint.names.get(name, {}))
+        return {ipkey.text(k): expiry for k, expiry in endpoint.names.get(name, {}).items()}
 
     def holders(self, endpoint_id: int, ip: str) -> dict[str, int]:
         """name -> expiry of every name under which ``endpoint_id`` learned ``ip``."""
+        return self.holders_of_key(endpoint_id, ipkey.key(ip))
+
+    def holders_of_key(self, endpoint_id: int, ip_key: int) -> dict[str, int]:
+        """``holders`` of an IP given as an ``ipkey`` key."""
         endpoint = self._endpoints.get(endpoint_id)
         if endpoint is None:
             return {}
-        return {name: endpoint.names[name][ip] for name in _names(endpoint.holders.get(ip))}
+        held = endpoint.holders.get(ip_key)
+        if held is None:
+            return {}
+        if type(held) is str:  # one name, by far the most common
+            return {held: endpoint.names[held][ip_key]}
+        names = endpoint.names
+        return {name: names[name][ip_key] for name in held}
+
+    def keys(self, endpoint_id: int) -> set[int]:
+        """The ``ipkey`` keys of every IP ``endpoint_id`` learned."""
+        endpoint = self._endpoints.get(endpoint_id)
+        return set(endpoint.holders) if endpoint is not None else set()
 
     def entries(self, endpoint_id: int | None = None) -> Iterator[CacheEntry]:
         """Every entry (of one endpoint, or all)."""
@@ -115,8 +141,8 @@ class FqdnCache:
                 continue
             for name, ips in endpoint.names.items():
                 source = RESTORED if name == RESTORED else LOOKUP
-                for ip, expiry in ips.items():
-                    yield CacheEntry(eid, name, ip, expiry, source)
+                for k, expiry in ips.items():
+                    yield CacheEntry(eid, name, ipkey.text(k), expiry, source)
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -132,29 +158,44 @@ class FqdnCache:
         it has to be raised: repeat lookups within that headroom need no raise, so they cost the
         allow map no write, at the price of an entry outliving its TTL by that fraction.
         """
+        touched = self.learn_keys(endpoint_id, name,
+                                  [(ipkey.key(ip), expiry) for ip, expiry in addresses],
+                                  now_ns, headroom)
+        return {ipkey.text(k) for k in touched}
+
+    def learn_keys(self, endpoint_id: int, name: str, addresses: Iterable[tuple[int, int]],
+                   now_ns: int = 0, headroom: float = 0.0) -> set[int]:
+        """``learn`` with IPs as ``ipkey`` keys, in and out."""
         endpoint = self._endpoints.get(endpoint_id)
         if endpoint is None:
             endpoint = self._endpoints[endpoint_id] = _Endpoint()
+        name = sys.intern(name)  # one string per name, however many answers and endpoints
         ips = endpoint.names.pop(name, None)  # re-inserted below: most recently looked up
-        touched: set[str] = set()
+        touched: set[int] = set()
         if ips is None:
             ips = {}
             if len(endpoint.names) >= self.limits.max_names_per_endpoint:
                 touched |= self._evict_name(endpoint_id, endpoint)
         endpoint.names[name] = ips
-        heap = self._heap
+        holders = endpoint.holders
+        # expiry asked -> (expiry kept, the IPs raised to it): one heap item and one int each
+        raised: dict[int, tuple[int, list[int]]] = {}
         for ip, expiry in addresses:
             old = ips.get(ip)
             if old is not None and expiry <= old:
                 continue
-            if headroom:
-                expiry += int((expiry - now_ns) * headroom)
-            ips[ip] = expiry
+            group = raised.get(expiry)
+            if group is None:
+                kept = expiry + int((expiry - now_ns) * headroom) if headroom else expiry
+                group = raised[expiry] = (kept, [])
+            ips[ip] = group[0]
+            group[1].append(ip)
             if old is None:
-                _add_holder(endpoint.holders, ip, name)
+                _add_holder(holders, ip, name)
                 self._entries += 1
-            heapq.heappush(heap, (expiry, endpoint_id, name, ip))
             touched.add(ip)
+        for kept, group in raised.values():
+            self._push(kept, endpoint_id, name, group)
         if len(ips) > self.limits.max_ips_per_name:
             touched |= self._evict_soonest_ips(endpoint_id, endpoint, name)
         while self._entries > self.limits.max_entries:
@@ -164,6 +205,10 @@ class FqdnCache:
 
     def remove_endpoint(self, endpoint_id: int) -> set[str]:
         """Forget everything ``endpoint_id`` learned; returns its IPs."""
+        return {ipkey.text(k) for k in self.remove_endpoint_keys(endpoint_id)}
+
+    def remove_endpoint_keys(self, endpoint_id: int) -> set[int]:
+        """``remove_endpoint``, returning the IPs' ``ipkey`` keys."""
         endpoint = self._endpoints.pop(endpoint_id, None)
         if endpoint is None:
             return set()
@@ -175,7 +220,7 @@ class FqdnCache:
         endpoint = self._endpoints.get(endpoint_id)
         if endpoint is None or name not in endpoint.names:
             return set()
-        return self._drop_name(endpoint, name)
+        return {ipkey.text(k) for k in self._drop_name(endpoint, name)}
 
     def expire(self, now_ns: int, budget: int) -> list[tuple[int, str]]:
         """Remove up to ``budget`` entries expired at ``now_ns``, soonest first.
@@ -183,13 +228,21 @@ class FqdnCache:
         Returns the (endpoint, IP) pairs that lost a holder, for the caller to rewrite or delete.
         Bounded work per call is what keeps garbage collection from holding the event loop.
         """
-        touched: list[tuple[int, str]] = []
+        return [(endpoint_id, ipkey.text(k)) for endpoint_id, k in self.expire_keys(now_ns, budget)]
+
+    def expire_keys(self, now_ns: int, budget: int) -> list[tuple[int, int]]:
+        """``expire``, with IPs as ``ipkey`` keys."""
+        touched: list[tuple[int, int]] = []
         heap = self._heap
         while heap and budget > 0 and heap[0][0] <= now_ns:
-            expiry, endpoint_id, name, ip = heapq.heappop(heap)
-            if self._remove_if_current(endpoint_id, name, ip, expiry):
-                touched.append((endpoint_id, ip))
-                budget -= 1
+            expiry, endpoint_id, name, ips = self._pop()
+            for index, ip in enumerate(ips):
+                if budget == 0:  # the rest waits for the next call, still first in line
+                    self._push(expiry, endpoint_id, name, ips[index:])
+                    break
+                if self._remove_if_current(endpoint_id, name, ip, expiry):
+                    touched.append((endpoint_id, ip))
+                    budget -= 1
         return touched
 
     def next_expiry(self) -> int | None:
@@ -198,12 +251,12 @@ class FqdnCache:
 
     # --- eviction -----------------------------------------------------------------------------
 
-    def _evict_name(self, endpoint_id: int, endpoint: _Endpoint) -> set[str]:
+    def _evict_name(self, endpoint_id: int, endpoint: _Endpoint) -> set[int]:
         oldest = next(iter(endpoint.names))
         self.evictions["names_per_endpoint"] += 1
         return self._drop_name(endpoint, oldest)
 
-    def _evict_soonest_ips(self, endpoint_id: int, endpoint: _Endpoint, name: str) -> set[str]:
+    def _evict_soonest_ips(self, endpoint_id: int, endpoint: _Endpoint, name: str) -> set[int]:
         ips = endpoint.names[name]
         excess = len(ips) - self.limits.max_ips_per_name
         doomed = heapq.nsmallest(excess, ips.items(), key=lambda item: item[1])
@@ -212,22 +265,25 @@ class FqdnCache:
         self.evictions["ips_per_name"] += excess
         return {ip for ip, _ in doomed}
 
-    def _evict_soonest_entry(self) -> set[str]:
+    def _evict_soonest_entry(self) -> set[int]:
         while self._heap:
-            expiry, endpoint_id, name, ip = heapq.heappop(self._heap)
-            if self._remove_if_current(endpoint_id, name, ip, expiry):
-                self.evictions["entries"] += 1
-                return {ip}
+            expiry, endpoint_id, name, ips = self._pop()
+            for index, ip in enumerate(ips):
+                if self._remove_if_current(endpoint_id, name, ip, expiry):
+                    if index + 1 < len(ips):
+                        self._push(expiry, endpoint_id, name, ips[index + 1:])
+                    self.evictions["entries"] += 1
+                    return {ip}
         return set()
 
-    def _drop_name(self, endpoint: _Endpoint, name: str) -> set[str]:
+    def _drop_name(self, endpoint: _Endpoint, name: str) -> set[int]:
         ips = list(endpoint.names[name])
         for ip in ips:
             self._unlink(endpoint, name, ip)
         endpoint.names.pop(name, None)
         return set(ips)
 
-    def _remove_if_current(self, endpoint_id: int, name: str, ip: str, expiry: int) -> bool:
+    def _remove_if_current(self, endpoint_id: int, name: str, ip: int, expiry: int) -> bool:
         endpoint = self._endpoints.get(endpoint_id)
         if endpoint is None:
             return False
@@ -241,7 +297,7 @@ class FqdnCache:
             del self._endpoints[endpoint_id]
         return True
 
-    def _unlink(self, endpoint: _Endpoint, name: str, ip: str) -> None:
+    def _unlink(self, endpoint: _Endpoint, name: str, ip: int) -> None:
         del endpoint.names[name][ip]
         remaining = tuple(n for n in _names(endpoint.holders[ip]) if n != name)
         if not remaining:
@@ -250,11 +306,27 @@ class FqdnCache:
             endpoint.holders[ip] = remaining[0] if len(remaining) == 1 else remaining
         self._entries -= 1
 
+    def _push(self, expiry: int, endpoint_id: int, name: str, ips: Iterable[int]) -> None:
+        item = (expiry, endpoint_id, name, tuple(sorted(ips)))
+        heapq.heappush(self._heap, item)
+        self._heap_ips += len(item[3])
+
+    def _pop(self) -> tuple[int, int, str, tuple[int, ...]]:
+        item = heapq.heappop(self._heap)
+        self._heap_ips -= len(item[3])
+        return item
+
     def _maybe_compact(self) -> None:
-        if len(self._heap) > 2 * self._entries + 1024:
-            self._heap = [(expiry, eid, name, ip) for eid, e in self._endpoints.items()
-                          for name, ips in e.names.items() for ip, expiry in ips.items()]
+        if self._heap_ips > 2 * self._entries + 1024:
+            groups: dict[tuple[int, int, str], list[int]] = {}
+            for eid, e in self._endpoints.items():
+                for name, ips in e.names.items():
+                    for ip, expiry in ips.items():
+                        groups.setdefault((expiry, eid, name), []).append(ip)
+            self._heap = [(expiry, eid, name, tuple(sorted(ips)))
+                          for (expiry, eid, name), ips in groups.items()]
             heapq.heapify(self._heap)
+            self._heap_ips = self._entries
 
     # --- snapshot -----------------------------------------------------------------------------
 
@@ -268,7 +340,8 @@ class FqdnCache:
         chunk: list[tuple[int, str, str, int]] = []
         for endpoint_id, endpoint in list(self._endpoints.items()):
             for name, ips in list(endpoint.names.items()):
-                chunk.extend((endpoint_id, name, ip, expiry) for ip, expiry in list(ips.items()))
+                chunk.extend((endpoint_id, name, ipkey.text(k), expiry)
+                             for k, expiry in list(ips.items()))
                 if len(chunk) >= chunk_size:
                     yield chunk
                     chunk = []
@@ -291,7 +364,7 @@ def _names(held: str | tuple[str, ...] | None) -> tuple[str, ...]:
     return (held,) if isinstance(held, str) else held
 
 
-def _add_holder(holders: dict[str, str | tuple[str, ...]], ip: str, name: str) -> None:
+def _add_holder(holders: dict[int, str | tuple[str, ...]], ip: int, name: str) -> None:
     held = holders.get(ip)
     if held is None:
         holders[ip] = name

@@ -20,18 +20,19 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from fqdnproxy.datapath import portmath
+from fqdnproxy.datapath import allowmap, portmath
 from fqdnproxy.datapath.allowmap import (
     AllowEntry, AllowEntryError, AllowKey, AllowMapWriter, PortRange, kernel_now_ns)
 from fqdnproxy.dns import wire
 from fqdnproxy.errors import FqdnproxyError
 from fqdnproxy.exchange import AllowedIp, Exchange, LearnError
+from fqdnproxy.fqdn import ipkey
 from fqdnproxy.fqdn.cache import RESTORED, FqdnCache
+from fqdnproxy.fqdn.statics import StaticIndex
 
 NS = 1_000_000_000
 
@@ -63,7 +64,7 @@ class AllowLearner:
         self._policy_for = policy_for
         # Map entries found at start without a name (cache.RESTORED): their ports, kept as they
         # were until they expire, since no name says what they should be now.
-        self._restored: dict[tuple[int, str], tuple[PortRange, ...]] = {}
+        self._restored: dict[tuple[int, int], tuple[PortRange, ...]] = {}  # (endpoint, ip key)
         self._clock = clock
         self._wall = wall
 
@@ -81,22 +82,32 @@ class AllowLearner:
         now = self._clock()
         floor = self.settings.min_ttl
         endpoint_id = decision.endpoint.id
-        touched = self.cache.learn(
+        addresses = response.addresses
+        keys = [ipkey.key(a.ip) for a in addresses]  # each IP's text is read once, here
+        touched = self.cache.learn_keys(
             endpoint_id, exchange.query.question.name,
-            [(a.ip, now + max(a.ttl, floor) * NS) for a in response.addresses],
+            [(k, now + max(a.ttl, floor) * NS) for k, a in zip(keys, addresses)],
             now, self.settings.ttl_headroom)
         if not decision.policy.enforced or not touched:
             return ()
         # The answer's own IPs never need a delete: had no rule selected them before, nothing
         # was written for them. IPs a cap evicted may have had an entry.
-        answered = {a.ip for a in response.addresses}
-        written = self.sync(decision.policy, endpoint_id, touched & answered, delete=False)
+        answered = set(keys)
+        written = self._sync(decision.policy, endpoint_id, touched & answered, delete=False)
         if touched - answered:
-            self.sync(decision.policy, endpoint_id, touched - answered)
+            self._sync(decision.policy, endpoint_id, touched - answered)
         wall_offset = self._wall() - now / NS
-        return tuple(
-            AllowedIp(a.ip, entry.expiry_ns / NS + wall_offset, describe_ports(entry.ports))
-            for a in response.addresses if (entry := written.get(a.ip)) is not None)
+        described: dict[int, str] = {}  # id(ports) -> text: the entries of one answer share them
+        allowed_ips = []
+        for k, a in zip(keys, addresses):
+            entry = written.get(k)
+            if entry is not None:
+                ports = entry.ports
+                text = described.get(id(ports))
+                if text is None:
+                    text = described[id(ports)] = describe_ports(ports)
+                allowed_ips.append(AllowedIp(a.ip, entry.expiry_ns / NS + wall_offset, text))
+        return tuple(allowed_ips)
 
     def sync(self, policy: object, endpoint_id: int, ips: Iterable[str],
              delete: bool = True) -> dict[str, AllowEntry]:
@@ -109,16 +120,22 @@ class AllowLearner:
         Raises:
             LearnError: the map refused the write.
         """
-        upserts: dict[str, AllowEntry] = {}
+        written = self._sync(policy, endpoint_id, {ipkey.key(ip) for ip in ips}, delete)
+        return {ipkey.text(k): entry for k, entry in written.items()}
+
+    def _sync(self, policy: object, endpoint_id: int, ip_keys: Iterable[int],
+              delete: bool = True) -> dict[int, AllowEntry]:
+        """``sync`` of IPs given as ``ipkey`` keys; the entries written, by key."""
+        upserts: dict[int, AllowEntry] = {}
         deletes: list[AllowKey] = []
-        selections: dict[str, tuple[PortRange, ...]] = {}
-        for ip in ips:
-            entry = self.entry_for(policy, endpoint_id, ip, selections)
+        memo = SyncMemo(policy)
+        for k in ip_keys:
+            entry = self._entry_for_key(policy, endpoint_id, k, memo)
             if entry is None:
                 if delete:
-                    deletes.append(AllowKey(endpoint_id, _exact(ip)))
+                    deletes.append(AllowKey(endpoint_id, _network(k)))
             else:
-                upserts[ip] = entry
+                upserts[k] = entry
         try:
             if upserts:
                 self.writer.upsert_allows(list(upserts.values()))
@@ -130,11 +147,11 @@ class AllowLearner:
 
     def keep_restored(self, entry: AllowEntry) -> None:
         """Remember the ports of a map entry restored at start without a name."""
-        self._restored[(entry.endpoint_id, str(entry.network.network_address))] = entry.ports
+        self._restored[(entry.endpoint_id, ipkey.key(str(entry.network.network_address)))] = \
+            entry.ports
 
     def entry_for(self, policy: object, endpoint_id: int, ip: str,
-                  selections: dict[str, tuple[PortRange, ...]] | None = None
-                  ) -> AllowEntry | None:
+                  memo: SyncMemo | None = None) -> AllowEntry | None:
         """The one map entry for (endpoint, ``ip``/32 or /128), or None if it should not exist.
 
         Everything that decides this exact key meets here, so nothing else writes it: the names
@@ -142,41 +159,58 @@ class AllowLearner:
         start, and the static rules covering the IP (allows added, denies taken away). A static
         rule naming exactly this address (toCIDR 192.0.2.7/32, a toEndpoints peer) makes the
         entry static: expiry 0, kept even when nothing was learned, and written as a deny
-        marker when denies leave no ports. ``selections`` memoizes ``select`` per name across
-        the IPs of one answer.
+        marker when denies leave no ports. ``memo`` carries what one sync computes once for all
+        its IPs (``select`` per name, and the ranges of a name alone).
         """
-        if selections is None:
-            selections = {}
+        return self._entry_for_key(policy, endpoint_id, ipkey.key(ip), memo)
+
+    def _entry_for_key(self, policy: object, endpoint_id: int, ip_key: int,
+                       memo: SyncMemo | None = None) -> AllowEntry | None:
+        """``entry_for`` an IP given as an ``ipkey`` key."""
+        if memo is None:
+            memo = SyncMemo(policy)
         allowed: tuple[PortRange, ...] = ()
         learned = False
         expiry = 0
-        for name, name_expiry in self.cache.holders(endpoint_id, ip).items():
+        holders = self.cache.holders_of_key(endpoint_id, ip_key)
+        for name, name_expiry in holders.items():
             if name == RESTORED:
-                ranges = self._restored.get((endpoint_id, ip), ())
+                ranges = self._restored.get((endpoint_id, ip_key), ())
             else:
-                ranges = selections.get(name)  # type: ignore[assignment]
+                ranges = memo.selected.get(name)  # type: ignore[assignment]
                 if ranges is None:
                     selected = policy.select(name)  # type: ignore[attr-defined]
-                    ranges = selections[name] = (
+                    ranges = memo.selected[name] = (
                         _policy_ranges(selected) if selected is not None else ())
             if ranges:
                 allowed += ranges
                 learned = True
-                expiry = max(expiry, name_expiry)
+                if name_expiry > expiry:
+                    expiry = name_expiry
         if not learned:
-            self._restored.pop((endpoint_id, ip), None)
-        static_allowed, denied, static = _static_rules(policy, ip)
+            self._restored.pop((endpoint_id, ip_key), None)
+        family, address = ipkey.split(ip_key)
+        static_allowed, denied, static = memo.statics.cover(family, address)
         if not learned and not static:
             return None
         try:
-            ranges = _final_ranges(allowed + static_allowed, denied)
-            if static:
-                return AllowEntry(endpoint_id, _exact(ip), 0, ranges or portmath.NO_PORTS)
-            if not ranges:
-                return None  # wholly denied: the broader static deny entry decides
-            return AllowEntry(endpoint_id, _exact(ip), expiry, ranges)
+            if len(holders) == 1 and not static_allowed and not denied:
+                # The common case, one name and no static rule: its ranges, merged once per sync.
+                alone = memo.alone.get(id(allowed))
+                if alone is None:
+                    alone = memo.alone[id(allowed)] = (allowed, _final_ranges(allowed, ()))
+                ranges = alone[1]
+            else:
+                ranges = _final_ranges(allowed + static_allowed, denied)
         except AllowEntryError as error:
             raise LearnError(str(error)) from error
+        if static:
+            return AllowEntry.trusted(endpoint_id, allowmap.host_network(family, address), 0,
+                                      ranges or portmath.NO_PORTS)
+        if not ranges:
+            return None  # wholly denied: the broader static deny entry decides
+        return AllowEntry.trusted(endpoint_id, allowmap.host_network(family, address), expiry,
+                                  ranges)
 
     # --- outside the query path -----------------------------------------------------------------
 
@@ -192,12 +226,11 @@ class AllowLearner:
                                 else self.cache.endpoint_ids()):
             policy = self._policy_for(endpoint_id)
             if policy is None:
-                ips = self.cache.remove_endpoint(endpoint_id)
-                changed += self._delete(endpoint_id, ips)
+                changed += self._delete(endpoint_id, self.cache.remove_endpoint_keys(endpoint_id))
                 continue
-            ips = {entry.ip for entry in self.cache.entries(endpoint_id)}
-            self.sync(policy, endpoint_id, ips)
-            changed += len(ips)
+            ip_keys = self.cache.keys(endpoint_id)
+            self._sync(policy, endpoint_id, ip_keys)
+            changed += len(ip_keys)
         return changed
 
     def collect_garbage(self, now_ns: int, budget: int) -> int:
@@ -206,23 +239,27 @@ class AllowLearner:
         The kernel already ignores expired entries; this frees their space in the cache and the
         map. Bounded work per call, so the agent can run it between queries.
         """
-        expired = self.cache.expire(now_ns, budget)
-        by_endpoint: dict[int, set[str]] = {}
-        for endpoint_id, ip in expired:
-            by_endpoint.setdefault(endpoint_id, set()).add(ip)
+        expired = self.cache.expire_keys(now_ns, budget)
+        by_endpoint: dict[int, set[int]] = {}
+        for endpoint_id, k in expired:
+            by_endpoint.setdefault(endpoint_id, set()).add(k)
         for endpoint_id, ips in by_endpoint.items():
             policy = self._policy_for(endpoint_id)
             if policy is None or not getattr(policy, "enforced", False):
                 self._delete(endpoint_id, ips)
             else:
                 try:
-                    self.sync(policy, endpoint_id, ips)
+                    self._sync(policy, endpoint_id, ips)
                 except LearnError:
                     pass  # rewrites of still-held IPs are retried by the next lookup
         return len(expired)
 
-    def _delete(self, endpoint_id: int, ips: Iterable[str]) -> int:
-        keys = [AllowKey(endpoint_id, _exact(ip)) for ip in ips]
+    def delete(self, endpoint_id: int, ips: Iterable[str]) -> int:
+        """Delete the map entries of ``ips`` (text) of ``endpoint_id``; how many existed."""
+        return self._delete(endpoint_id, {ipkey.key(ip) for ip in ips})
+
+    def _delete(self, endpoint_id: int, ip_keys: Iterable[int]) -> int:
+        keys = [AllowKey(endpoint_id, _network(k)) for k in ip_keys]
         if not keys:
             return 0
         try:
@@ -231,48 +268,40 @@ class AllowLearner:
             return 0  # expired entries are harmless: the kernel checks expiry itself
 
 
+class SyncMemo:
+    """What one ``sync`` (of one policy) computes once for all its IPs (one answer's, mostly)."""
+
+    __slots__ = ("alone", "selected", "statics")
+
+    def __init__(self, policy: object) -> None:
+        self.statics = _static_index(policy)
+        self.selected: dict[str, tuple[PortRange, ...]] = {}  # name -> ranges select(name) gives
+        # id(ranges of one name) -> (those ranges, merged). By identity: hashing a tuple of
+        # PortRange calls each one's __hash__ in Python, a microsecond per IP for nothing, and
+        # one name's ranges are one object for the whole sync (kept alive here).
+        self.alone: dict[int, tuple[tuple[PortRange, ...], tuple[PortRange, ...]]] = {}
+
+
+def _network(ip_key: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """The /32 or /128 of an ``ipkey`` key (from its integer: no text to parse)."""
+    return allowmap.host_network(*ipkey.split(ip_key))
+
+
 # --- memos -------------------------------------------------------------------------------------
-# The learn stage runs for every answer and mostly sees the same IPs, policies and port sets
-# again; each memo is an LRU with a cap (its size is exported as fqdnproxy_learner_memo_entries).
-# Keys hold policy objects, so a replaced policy is never confused with its successor.
-
-@functools.lru_cache(maxsize=65_536)
-def _exact(ip: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """``ip`` as a /32 or /128 network. Built from the packed address: ipaddress parses text
-    in Python (about 5 µs an address, twice per new IP), inet_pton in C."""
-    if ":" in ip:
-        return ipaddress.IPv6Network(socket.inet_pton(socket.AF_INET6, ip))
-    return ipaddress.IPv4Network(socket.inet_pton(socket.AF_INET, ip))
-
+# The learn stage runs for every answer and mostly sees the same policies and port sets again;
+# each memo is an LRU with a cap (its size is exported as fqdnproxy_learner_memo_entries). Keys
+# hold policy objects, so a replaced policy is never confused with its successor. Nothing here is
+# per IP: a new IP costs integer arithmetic, not a memo entry.
 
 @functools.lru_cache(maxsize=4_096)
 def _policy_ranges(ports: object) -> tuple[PortRange, ...]:
     return portmath.from_policy(ports)  # type: ignore[arg-type]
 
 
-@functools.lru_cache(maxsize=65_536)
-def _static_rules(policy: object, ip: str) -> tuple[tuple[PortRange, ...], tuple[PortRange, ...],
-                                                     bool]:
-    """(ranges the static allows covering ``ip`` add, ranges its denies take, whether a static
-    rule names exactly this address)."""
-    allows = policy.allows  # type: ignore[attr-defined]
-    denies = policy.denies  # type: ignore[attr-defined]
-    if not allows and not denies:
-        return (), (), False
-    exact = _exact(ip)
-    address = exact.network_address
-    allowed: tuple[PortRange, ...] = ()
-    denied: tuple[PortRange, ...] = ()
-    static = False
-    for rule in allows:
-        if rule.covers(address):
-            allowed += _policy_ranges(rule.ports)
-            static = static or exact in rule.networks
-    for rule in denies:
-        if rule.covers(address):
-            denied += _policy_ranges(rule.ports)
-            static = static or exact in rule.networks
-    return allowed, denied, static
+@functools.lru_cache(maxsize=4_096)
+def _static_index(policy: object) -> StaticIndex:
+    """The static allows and denies of ``policy`` (one per endpoint) as prefix tables."""
+    return StaticIndex(policy.allows, policy.denies, _policy_ranges)  # type: ignore[attr-defined]
 
 
 @functools.lru_cache(maxsize=4_096)
@@ -283,7 +312,6 @@ def _final_ranges(allowed: tuple[PortRange, ...], denied: tuple[PortRange, ...]
 
 def memo_sizes() -> dict[str, int]:
     """Entries held by each memo of the learn stage, for the metrics."""
-    return {"networks": _exact.cache_info().currsize,
-            "port_sets": _policy_ranges.cache_info().currsize,
-            "static_rules": _static_rules.cache_info().currsize,
+    return {"port_sets": _policy_ranges.cache_info().currsize,
+            "static_rules": _static_index.cache_info().currsize,
             "final_ranges": _final_ranges.cache_info().currsize}

@@ -81,3 +81,37 @@ def test_importable_without_bcc() -> None:
     code = ("import sys; sys.modules['bcc'] = None; "
             "from fqdnproxy.datapath import allowmap, maps, pinned; print('ok')")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == "ok\n"
+
+
+def test_trusted_entries_equal_checked_ones() -> None:
+    ports = (PortRange(6, 443, 443),)
+    for net in ("192.0.2.7/32", "2001:db8::7/128"):
+        network = ipaddress.ip_network(net)
+        trusted = AllowEntry.trusted(3, network, 5, ports)
+        checked = AllowEntry(3, network, 5, ports)
+        assert trusted == checked and hash(trusted) == hash(checked) and repr(trusted) == repr(checked)
+        assert trusted.exact and trusted.key == checked.key
+    assert not AllowEntry(3, "192.0.2.0/24").exact
+
+
+def test_batch_packing_agrees_with_the_codecs() -> None:
+    from fqdnproxy.datapath import pinned
+
+    shared = (PortRange(6, 443, 443), PortRange(17, 53, 53))
+    entries = [AllowEntry(1, "192.0.2.7/32", 10, shared), AllowEntry(2, "2001:db8::7/128", 0),
+               AllowEntry(2**32 - 1, "198.51.100.1/32", 2**63, shared)]
+    assert pinned._pack_exact_keys(entries) == b"".join(bytes(maps.encode_key(e.key)) for e in entries)
+    assert pinned._pack_values(entries) == b"".join(bytes(maps.encode_value(e)) for e in entries)
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "192.0.2.7", "255.255.255.255", "::",
+                                     "2001:db8::7", "::ffff:192.0.2.7"])
+def test_host_network_is_what_ip_network_builds(address: str) -> None:
+    ip = ipaddress.ip_address(address)
+    made = allowmap.host_network(ip.version, int(ip))
+    real = ipaddress.ip_network(ip)
+    assert allowmap._FAST_HOSTS  # on this Python the shortcut is in use, so it is what is tested
+    assert made == real and hash(made) == hash(real) and type(made) is type(real)
+    assert (str(made), repr(made), made.prefixlen, made.netmask, made.broadcast_address) == (
+        str(real), repr(real), real.prefixlen, real.netmask, real.broadcast_address)
+    assert list(made.hosts()) == list(real.hosts()) and made.__dict__.keys() == real.__dict__.keys()

@@ -107,3 +107,33 @@ def test_headroom_spares_repeat_lookups_a_raise() -> None:
     assert cache.learn(1, "a.test.", [("192.0.2.1", 120 * S)], now_ns=20 * S, headroom=0.1) == {
         "192.0.2.1"}
     assert cache.ips(1, "a.test.") == {"192.0.2.1": 130 * S}
+
+
+def test_one_answer_is_one_heap_item_and_a_budget_can_split_it() -> None:
+    cache = FqdnCache()
+    cache.learn(1, "many.test.", [(f"192.0.2.{i}", 10 * S) for i in range(5)])
+    cache.learn(1, "late.test.", [("192.0.2.9", 20 * S)])
+    assert len(cache._heap) == 2
+    assert cache.expire(30 * S, budget=2) == [(1, "192.0.2.0"), (1, "192.0.2.1")]
+    # the rest of the answer still goes first
+    assert cache.expire(30 * S, budget=4) == [(1, "192.0.2.2"), (1, "192.0.2.3"),
+                                               (1, "192.0.2.4"), (1, "192.0.2.9")]
+    assert len(cache) == 0
+
+
+def test_total_cap_evicts_one_ip_of_an_answer_at_a_time() -> None:
+    cache = FqdnCache(CacheLimits(max_entries=4))
+    cache.learn(1, "a.test.", [(f"192.0.2.{i}", 10 * S) for i in range(3)])
+    touched = cache.learn(1, "b.test.", [("192.0.2.7", 50 * S), ("192.0.2.8", 50 * S)])
+    assert touched == {"192.0.2.0", "192.0.2.7", "192.0.2.8"}
+    assert cache.ips(1, "a.test.") == {"192.0.2.1": 10 * S, "192.0.2.2": 10 * S}
+    assert cache.evictions["entries"] == 1
+    assert cache.expire(10 * S, 100) == [(1, "192.0.2.1"), (1, "192.0.2.2")]
+
+
+def test_the_ips_of_one_answer_share_one_expiry_object() -> None:
+    cache = FqdnCache()
+    cache.learn(1, "a.test.", [(f"192.0.2.{i}", 100 * S + 0) for i in range(3)], now_ns=0,
+                headroom=0.1)
+    values = list(cache._endpoints[1].names["a.test."].values())
+    assert values == [110 * S] * 3 and len({id(v) for v in values}) == 1
