@@ -309,8 +309,11 @@ class Agent:
         from fqdnproxy.datapath import egress
 
         pin_dir = Path(self.config.datapath.pin_dir)
+        options = egress.Options(allow_max=self.config.datapath.allow_max,
+                                 ct_max=self.config.datapath.ct_max)
+        _warn_pinned_sizes(pin_dir, options)
         try:
-            datapath = None if successor else egress.EgressDatapath.open(pin_dir)
+            datapath = None if successor else egress.EgressDatapath.open(pin_dir, options)
         except FqdnproxyError as error:
             raise StartupError(f"datapath: {error}") from None
         if datapath is not None:
@@ -319,7 +322,7 @@ class Agent:
             return datapath
         started = time.monotonic()
         try:
-            datapath = egress.EgressDatapath.load(pin_dir)
+            datapath = egress.EgressDatapath.load(pin_dir, options)
         except FqdnproxyError as error:
             self.metrics.child(self.metrics.program_loads, "error").inc()
             raise StartupError(f"datapath: {error}") from None
@@ -721,6 +724,19 @@ def _listener_limits(cfg: AgentConfig) -> server_mod.ListenerLimits:
 
 def _format(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _warn_pinned_sizes(pin_dir: Path, options: Any) -> None:
+    """Say so when maps already pinned have other sizes than configured: the pinned ones stay
+    (the kernel cannot resize a map, and replacing it would drop every learned entry)."""
+    from fqdnproxy.datapath import pinned
+
+    for name, configured, actual in pinned.size_differences(pin_dir, {
+            "allow_exact": options.allow_max, "allow": options.allow_max, "ct": options.ct_max}):
+        log.warning("datapath: map %s is pinned with %d entries, the configuration asks for %d; "
+                    "the pinned size stays until %s is removed (stop the agent, `rm -r` it, start "
+                    "the agent: enforcement pauses until it has reloaded and pods re-resolve)",
+                    name, actual, configured, pin_dir)
 
 
 def run(cfg: AgentConfig) -> None:

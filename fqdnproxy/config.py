@@ -195,6 +195,15 @@ class DatapathConfig:
     interfaces: tuple[str, ...] = _opt(
         [], "also attach to these interfaces (a LAN gateway: endpoints known by source IP "
         "arrive there); the inventory's endpoint interfaces are attached anyway")
+    allow_max: int = _opt(
+        262_144, "learned (endpoint, IP) entries the kernel's exact allow map holds (and CIDR "
+        "entries its trie holds); past it a learn fails and the answer is SERVFAIL. Fixed when "
+        "the maps are first pinned: a new size takes effect once the pin directory is removed",
+        "entries")
+    ct_max: int = _opt(
+        262_144, "flows the kernel tracks (LRU: the least recently seen go first, and their "
+        "next packet needs an allow entry again). Fixed when first pinned, like allow_max",
+        "flows")
 
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -444,6 +453,10 @@ def _validate(config: AgentConfig, origin: str) -> None:
     if config.dns.rate_limit_qps < 0 or config.dns.rate_limit_burst < 1:
         raise ConfigError(f"{origin}: dns.rate_limit_qps must be 0 or more and "
                           "dns.rate_limit_burst at least 1")
+    for where, size in (("datapath.allow_max", config.datapath.allow_max),
+                        ("datapath.ct_max", config.datapath.ct_max)):
+        if not 1 <= size <= 1 << 26:
+            raise ConfigError(f"{origin}: {where}: must be 1..{1 << 26}, got {size}")
     if config.dns.parse_cache_size < 0:
         raise ConfigError(f"{origin}: dns.parse_cache_size: must be 0 or more, got "
                           f"{config.dns.parse_cache_size}")

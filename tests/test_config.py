@@ -87,3 +87,11 @@ def test_run_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> 
     for key, _, _ in config.describe():
         section, name = key.split(".")
         assert f"--{section}-{name.replace('_', '-')}" in out
+
+
+@pytest.mark.parametrize("flag, key", [("--datapath-allow-max", "datapath.allow_max"),
+                                       ("--datapath-ct-max", "datapath.ct_max")])
+def test_map_sizes_must_be_positive_and_bounded(flag: str, key: str) -> None:
+    for value in ("0", str((1 << 26) + 1)):
+        with pytest.raises(config.ConfigError, match=key):
+            config.from_args(cli.build_parser().parse_args(["run", flag, value]))

@@ -88,6 +88,24 @@ def check_layout(pin_dir: Path) -> bool:
     return found
 
 
+def size_differences(pin_dir: Path, wanted: dict[str, int]) -> list[tuple[str, int, int]]:
+    """(map, wanted, pinned) for each map of ``wanted`` pinned in ``pin_dir`` with another
+    ``max_entries``; maps not pinned yet are left out."""
+    out = []
+    for name, want in wanted.items():
+        path = pin_dir / name
+        if not path.exists():
+            continue
+        fd = bpfsys.obj_get(path)
+        try:
+            actual = bpfsys.map_info(fd).max_entries
+        finally:
+            os.close(fd)
+        if actual != want:
+            out.append((name, want, actual))
+    return out
+
+
 # The learn stage writes every new IP through these, so they pack with precompiled structs and
 # pack each distinct port set once per batch (the entries of one answer share one).
 _EXACT_KEY = struct.Struct("<I12s4s")  # endpoint id, then ::ffff: and the IPv4 address

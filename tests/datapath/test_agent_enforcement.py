@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from fqdnproxy.datapath import pinned
 from fqdnproxy.lab import knot
 from fqdnproxy.lab.agent_process import AgentProcess
 from tests.conftest import require
@@ -52,7 +53,8 @@ def world(tmp_path: Path) -> Iterator[tuple[topo.Topology, knot.KnotServer]]:
             yield t, server
 
 
-def _agent(t: topo.Topology, pin_dir: Path, tmp_path: Path) -> AgentProcess:
+def _agent(t: topo.Topology, pin_dir: Path, tmp_path: Path,
+           extra: tuple[str, ...] = ()) -> AgentProcess:
     policies = tmp_path / "policies"
     policies.mkdir(exist_ok=True)
     (policies / "web.yaml").write_text(POLICY)
@@ -68,7 +70,7 @@ def _agent(t: topo.Topology, pin_dir: Path, tmp_path: Path) -> AgentProcess:
         "--state-admin-socket", str(tmp_path / "admin.sock"),
         "--audit-path", str(tmp_path / "audit.jsonl"),
         "--metrics-listen", "",
-        "--policy-reload-interval", "0.2",
+        "--policy-reload-interval", "0.2", *extra,
     ], netns=t.node, start_timeout=120)
 
 
@@ -92,8 +94,9 @@ def test_learned_ip_is_enforced_per_pod_and_survives_kill_9(
         world: tuple[topo.Topology, knot.KnotServer], pin_dir: Path, tmp_path: Path) -> None:
     t, _ = world
     api = "tcp,203.0.113.10,8080"
-    agent = _agent(t, pin_dir, tmp_path).start()
+    agent = _agent(t, pin_dir, tmp_path, ("--datapath-allow-max", "5000")).start()
     try:
+        assert pinned.size_differences(pin_dir, {"allow_exact": 5000, "allow": 5000}) == []
         assert t.probe(t.pod1, api) == [False]  # never resolved: dropped
         assert _dig(t.pod1, "api.demo.test") == ("NOERROR", ["203.0.113.10"])
         assert t.probe(t.pod1, api, "tcp,203.0.113.10,8081", "tcp,203.0.113.1,8080") == [
@@ -106,7 +109,9 @@ def test_learned_ip_is_enforced_per_pod_and_survives_kill_9(
         assert t.probe(t.pod1, api) == [True]  # the kernel enforces without the agent
         assert t.probe(t.pod2, api) == [False]
 
-        agent = _agent(t, pin_dir, tmp_path).start()
+        agent = _agent(t, pin_dir, tmp_path).start()  # asks for the default size: told it stays
+        assert any("map allow_exact is pinned with 5000 entries, the configuration asks for "
+                   "262144" in line for line in agent.log)
         rows = _cache(tmp_path)  # no snapshot was written: the map entry comes back unnamed
         assert [(r["name"], r["ips"], r["source"]) for r in rows] == [
             ("restored", ["203.0.113.10"], "restored")]

@@ -41,6 +41,21 @@ def test_pinned_layout_mismatch_is_a_clear_error(pin_dir: Path, bpffs: Path) -> 
         pinned.PinnedMaps.open(pin_dir)
 
 
+def test_map_sizes_are_set_at_first_pin_and_a_later_difference_is_reported(
+        pin_dir: Path, bpffs: Path) -> None:
+    small = egress.Options(allow_max=1000, ct_max=2000)
+    egress.EgressDatapath.load(pin_dir, small, bpffs=bpffs).close()
+    assert pinned.size_differences(pin_dir, {"allow_exact": 1000, "allow": 1000, "ct": 2000}) == []
+    # A new size asked of existing pins: bcc keeps the pinned maps (the kernel cannot resize
+    # them), the program loads, and the agent can say what stays.
+    bigger = egress.Options(allow_max=4000, ct_max=2000)
+    with egress.EgressDatapath.load(pin_dir, bigger, bpffs=bpffs) as dp:
+        assert dp.program_loaded
+    assert pinned.size_differences(pin_dir, {"allow_exact": 4000, "allow": 4000, "ct": 2000}) == [
+        ("allow_exact", 4000, 1000), ("allow", 4000, 1000)]
+    assert pinned.size_differences(pin_dir / "nothing-here", {"allow": 1}) == []
+
+
 def test_ensure_bpffs_mounts_when_missing(tmp_path: Path) -> None:
     mountpoint = tmp_path / "bpf"
     egress.ensure_bpffs(mountpoint / "fqdnproxy", mountpoint)
