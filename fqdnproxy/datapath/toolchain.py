@@ -18,6 +18,7 @@ tests) runs without it.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -116,3 +117,17 @@ def compile_program(text: str, cflags: Sequence[str] = ()) -> bcc.BPF:
             f"bcc failed to compile the program against {headers}: {exc} "
             "(clang's diagnostics are on stderr)"
         ) from exc
+    finally:
+        _return_compiler_memory()
+
+
+def _return_compiler_memory() -> None:
+    """Hand the heap clang and LLVM freed back to the kernel (glibc keeps it otherwise).
+
+    Measured on this machine: loading the program took the process from 36 to 169 MB RSS, and
+    this took it back to 132 MB; what stays is mostly LLVM's mapped code. Best effort: not glibc,
+    nothing to do."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
