@@ -102,7 +102,7 @@ def _rss_mb(pid: int) -> float:
 
 
 def agent_pass(workdir: Path, bpffs: Path, names: int, inputs: dict[str, Path],
-               datapath: bool) -> dict[str, Any]:
+               datapath: bool, allow_max: int = 0) -> dict[str, Any]:
     """One agent, one dnsperf pass over the first ``names`` names; the figures of that pass."""
     queries = workdir / f"learn-queries-{names}.txt"
     queries.write_text("".join(f"n{n}.learn.test A\n" for n in range(names)))
@@ -113,6 +113,8 @@ def agent_pass(workdir: Path, bpffs: Path, names: int, inputs: dict[str, Path],
     args = dns_compare.proxy_args(inputs, workdir, pin_dir, dns_compare.KNOT_PORT, extra)
     if not datapath:
         args[args.index("--datapath-enabled") + 1] = "false"
+    elif allow_max:
+        args += ["--datapath-allow-max", str(allow_max)]
     samples: list[tuple[float, float]] = []
     with AgentProcess(args, start_timeout=60) as agent:
         stop = threading.Event()
@@ -179,15 +181,16 @@ def run(workdir: Path, bpffs: Path, names: int, map_entries: int) -> dict[str, A
     write_zone(zone, names)
     from fqdnproxy.datapath import egress
 
-    # The agent loads its program with the default options: its allow maps hold this many
-    # entries. Past it a learn fails and the answer is SERVFAIL, so the datapath pass stays under.
-    capacity = egress.Options().allow_max
-    dp_names = min(names, int(capacity * 0.95) // IPS_PER_NAME)
+    # The datapath agent's allow maps are sized (datapath.allow_max) for every entry of the pass
+    # plus some room: past their size a learn fails and the answer is SERVFAIL.
+    capacity = max(egress.Options().allow_max, int(names * IPS_PER_NAME * 1.05))
+    dp_names = names
     data: dict[str, Any] = {"names": names, "datapath_names": dp_names, "ips_per_name": IPS_PER_NAME,
                             "agent_allow_max": capacity}
     with knot.KnotServer(listen=[("127.0.0.1", dns_compare.KNOT_PORT)], zones=[zone], workers=1,
                          start_timeout=300):
-        data["with_datapath"] = agent_pass(workdir, bpffs, dp_names, inputs, datapath=True)
+        data["with_datapath"] = agent_pass(workdir, bpffs, dp_names, inputs, datapath=True,
+                                           allow_max=capacity)
         data["cache_only"] = agent_pass(workdir, bpffs, names, inputs, datapath=False)
     d = data["with_datapath"]
     data["learned_per_s"] = d["map_entries"] / d["run_s"] if d.get("map_entries") else None
@@ -218,12 +221,13 @@ def sections(data: dict[str, Any]) -> list[dict[str, Any]]:
     ]
     text = (f"One dnsperf pass (`{d['command']}`) over {data['datapath_names']:,} distinct names of "
             f"learn.test, {data['ips_per_name']} distinct IPv4 addresses each (TTL 1 h), through fqdnproxy "
-            f"with policy and the datapath (pinned allow-map capacity: {capacity or 'unknown'}); its allow maps "
-            "cap the pass (past them a learn fails and the answer is SERVFAIL). Then a pass over "
-            f"{data['names']:,} names through an agent without the datapath, for the RSS of a cache of "
-            "that many entries (the datapath agent's RSS also holds bcc and LLVM, which compiled its "
-            "program); then a datapath alone, loaded with allow_max set to the size below and filled, "
-            "for the kernel memory at that size. Agent flags: see latest.json (learn.with_datapath.agent).")
+            f"with policy and the datapath, its allow maps sized for the pass with datapath.allow_max "
+            f"(pinned capacity: {capacity or 'unknown'}). The agent's RSS after that pass holds the "
+            "cache and what bcc and LLVM, which compiled the program, leave in the process. Then the "
+            f"same {data['names']:,} names through an agent without the datapath, for the RSS of the "
+            "cache alone; then a datapath alone, loaded with allow_max set to the size below and "
+            "filled, for the kernel memory at that size. Agent flags: see latest.json "
+            "(learn.with_datapath.agent).")
     return [{"title": "Learning end to end, agent and map memory", "text": text,
              "headers": ["figure", "value"], "rows": rows,
              "command": "sudo .venv/bin/python benchmarks/run.py --only learn"}]
