@@ -110,7 +110,11 @@ def agent_pass(workdir: Path, bpffs: Path, names: int, inputs: dict[str, Path],
     extra = ("--cache-max-names-per-endpoint", str(names * 2), "--cache-max-entries",
              str(max(1_000_000, names * IPS_PER_NAME)), "--audit-path", "",
              "--cache-gc-interval", "60s", "--state-snapshot-interval", "1h")
-    args = dns_compare.proxy_args(inputs, workdir, pin_dir, dns_compare.KNOT_PORT, extra)
+    # Each pass has its own state directory: the cache-only agent must not restore the datapath
+    # agent's snapshot (1M entries) before learning the same names again.
+    own = workdir / ("pass-datapath" if datapath else "pass-cache-only")
+    own.mkdir(exist_ok=True)
+    args = dns_compare.proxy_args(inputs, own, pin_dir, dns_compare.KNOT_PORT, extra)
     if not datapath:
         args[args.index("--datapath-enabled") + 1] = "false"
     elif allow_max:

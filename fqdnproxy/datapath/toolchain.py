@@ -121,13 +121,36 @@ def compile_program(text: str, cflags: Sequence[str] = ()) -> bcc.BPF:
         _return_compiler_memory()
 
 
-def _return_compiler_memory() -> None:
-    """Hand the heap clang and LLVM freed back to the kernel (glibc keeps it otherwise).
+# The compiler's shared libraries: bcc needs them to compile, not to run the loaded program.
+COMPILER_LIBRARIES = ("libLLVM", "libclang")
+_MADV_PAGEOUT = 21  # linux/mman.h, Linux 5.4+
 
-    Measured on this machine: loading the program took the process from 36 to 169 MB RSS, and
-    this took it back to 132 MB; what stays is mostly LLVM's mapped code. Best effort: not glibc,
-    nothing to do."""
+
+def _return_compiler_memory() -> None:
+    """Give back what compiling left resident: the heap clang and LLVM freed (glibc keeps it
+    otherwise), and the pages of LLVM's and clang's code, clean file-backed pages the kernel can
+    read again from disk should anything touch them (only another compile does).
+
+    Measured on this machine: loading the program took the process from 36 to 169 MB RSS; the
+    trim took it to 132 MB, of which 82 MB were libLLVM's and libclang-cpp's code; paging those
+    out leaves about 50 MB. Best effort: without glibc or MADV_PAGEOUT nothing happens."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.malloc_trim(0)
     except (OSError, AttributeError):
-        pass
+        return
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for start, end in _compiler_mappings():
+        libc.madvise(start, end - start, _MADV_PAGEOUT)  # EINVAL on old kernels: harmless
+
+
+def _compiler_mappings() -> list[tuple[int, int]]:
+    """(start, end) of every mapping of the compiler's libraries in this process."""
+    mappings = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and any(name in fields[5] for name in COMPILER_LIBRARIES):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                mappings.append((start, end))
+    return mappings

@@ -215,3 +215,29 @@ def test_veth_pair_teardown_on_error() -> None:
 def test_sender_script_is_valid_python() -> None:
     compile(SENDER, "<sender>", "exec")
     assert socket.has_ipv6
+
+
+def _resident_kb(libraries: tuple[str, ...]) -> int:
+    """Resident KiB of this process's mappings of ``libraries`` (/proc/self/smaps)."""
+    total, counting = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+                counting = len(fields) >= 6 and any(name in fields[5] for name in libraries)
+            elif counting and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.root
+def test_the_compilers_code_is_given_back_after_a_compile() -> None:
+    require(os.geteuid() == 0, "compiling with bcc needs root")
+    bpf = toolchain.compile_program("int ok(void *ctx) { return 0; }")
+    try:
+        assert toolchain._compiler_mappings(), "bcc compiled without LLVM mapped?"
+        # libLLVM and libclang-cpp hold about 80 MB resident right after a compile here.
+        resident_mb = _resident_kb(toolchain.COMPILER_LIBRARIES) / 1024
+        assert resident_mb < 20, f"{resident_mb:.0f} MB of the compiler's code still resident"
+    finally:
+        bpf.cleanup()
