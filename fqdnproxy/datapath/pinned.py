@@ -25,14 +25,15 @@ _NO_BATCH = {errno.EINVAL, errno.ENOTSUP, 524}  # 524: the kernel's ENOTSUPP
 
 
 class LayoutMismatch(FqdnproxyError):
-    """The pinned maps were made by another fqdnproxy version; run `fqdnproxy map migrate`."""
+    """The pinned maps were made by another fqdnproxy version; the message says what to do."""
 
     def __init__(self, pin_dir: Path, problems: Sequence[str]) -> None:
         super().__init__(
             f"pinned maps in {pin_dir} do not match this build's layout (version "
-            f"{maps.LAYOUT_VERSION}): {'; '.join(problems)}. Migrate with `fqdnproxy map migrate "
-            f"--pin-dir {pin_dir}`, or delete the directory (`rm -r {pin_dir}`) and restart: "
-            "enforcement stops until the agent reloads, and DNS learning refills the allow map"
+            f"{maps.LAYOUT_VERSION}): {'; '.join(problems)}. There is no in-place migration "
+            f"between layouts: stop the agent, delete the directory (`rm -r {pin_dir}`) and start "
+            "it. The new agent creates the maps and replaces the attached program; what was "
+            "learned is lost, so each pod's new connections wait for its next DNS lookup"
         )
         self.pin_dir = pin_dir
         self.problems = tuple(problems)

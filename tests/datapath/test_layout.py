@@ -35,7 +35,7 @@ def test_pinned_layout_mismatch_is_a_clear_error(pin_dir: Path, bpffs: Path) -> 
     egress.EgressDatapath.load(pin_dir, egress.Options(), bpffs=bpffs).close()
     fd = bpfsys.obj_get(pin_dir / "meta")
     bpfsys.update(fd, ctypes.c_uint32(0), maps.MetaValue(layout_version=99))
-    with pytest.raises(pinned.LayoutMismatch, match=r"fqdnproxy map migrate.*rm -r"):
+    with pytest.raises(pinned.LayoutMismatch, match=r"no in-place migration.*stop the agent.*rm -r"):
         egress.EgressDatapath.load(pin_dir, egress.Options(), bpffs=bpffs)
     with pytest.raises(pinned.LayoutMismatch, match="stored layout version is 99"):
         pinned.PinnedMaps.open(pin_dir)
