@@ -5,7 +5,7 @@ The path of one query through what is wired here (DESIGN.md, "The path of one qu
     pod ──query──► DnsServer (dns/server.py: UDP/TCP listeners)
                       │ data, Client
                       ▼
-                   Proxy.handle (proxy.py): read ─ admit ─ decide ─ forward ─ learn ─ release
+                   Proxy.receive (proxy.py) read ─ admit ─ decide ─ forward ─ learn ─ release
                                                      │         │         │
                              PolicyDecider (policy/) ┘         │         └ AllowLearner (fqdn/)
                              source IP -> endpoint -> rule     │           cache -> allow map
@@ -192,7 +192,7 @@ class Agent:
         listen = [config_mod.parse_address(text, allow_port_zero=True) for text in cfg.dns.listen]
         self.server = server_mod.DnsServer(listen, handler.handle, self.metrics,
                                            _listener_limits(cfg), tcp=cfg.dns.tcp,
-                                           transparent=transparent)
+                                           transparent=transparent, receive=handler.receive)
         try:
             await self.server.start(inherited)
         except OSError as error:

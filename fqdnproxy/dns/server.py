@@ -1,9 +1,10 @@
 """UDP and TCP listeners: they frame bytes and hand each message to the query handler.
 
-Nothing here knows DNS beyond TCP's 2-byte length prefix. Each message becomes one task running
-``handle(data, client)``; the task's reply (if any) goes back the way the query came. The
-handler never raises (it answers SERVFAIL at its own boundary), but the listener still guards:
-nothing a client sends may stop a listener.
+Nothing here knows DNS beyond TCP's 2-byte length prefix. A UDP datagram goes to the
+receiver, ``receive(data, client, done)``, which calls ``done(reply)`` once, now or later; no task
+per datagram. A TCP message becomes one task running ``handle(data, client)``. Either way the
+reply (if any) goes back the way the query came. Handlers never raise (they answer SERVFAIL at
+their own boundary), but the listener still guards: nothing a client sends may stop a listener.
 
 TCP limits: a cap on open connections (past it new ones are closed at once), an idle timeout, a
 timeout for a partial message that stalls, and a cap on queries one connection may have in flight
@@ -13,6 +14,7 @@ timeout for a partial message that stalls, and a cap on queries one connection m
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import struct
@@ -30,6 +32,8 @@ WRITE_BUFFER_HIGH = 64 * 1024  # bytes of unread answers per TCP connection befo
 
 
 QueryHandler = Callable[[bytes, Client], Awaitable[bytes | None]]
+ReplyCallback = Callable[[bytes | None], None]
+QueryReceiver = Callable[[bytes, Client, ReplyCallback], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,17 +47,31 @@ class ListenerLimits:
 
 
 class TaskSet:
-    """The handler tasks in flight, so shutdown can cancel them and nothing is garbage-collected
-    while it runs."""
+    """The queries in flight: handler tasks, so shutdown can cancel them and nothing is
+    garbage-collected while it runs, and a count of datagrams handed to a receiver and not yet
+    settled, so a drain can wait for them too."""
 
     def __init__(self) -> None:
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.receiving = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.tasks) or self.receiving > 0
 
     def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
+
+    def receiver(self, handle: QueryHandler) -> QueryReceiver:
+        """A receiver that runs the awaitable ``handle`` in a task (handlers without one)."""
+
+        def receive(data: bytes, client: Client, done: ReplyCallback) -> None:
+            self.spawn(_settle_with(handle, data, client, done))
+
+        return receive
 
     async def cancel_all(self) -> None:
         for task in list(self.tasks):
@@ -62,13 +80,23 @@ class TaskSet:
             await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
+async def _settle_with(handle: QueryHandler, data: bytes, client: Client,
+                       done: ReplyCallback) -> None:
+    try:
+        reply = await handle(data, client)
+    except Exception:  # the handler guards itself; this is the last line
+        log.exception("handler failed")
+        reply = None
+    done(reply)
+
+
 # --- UDP --------------------------------------------------------------------------------------
 
 
 class _UdpListener(asyncio.DatagramProtocol):
-    def __init__(self, handle: QueryHandler, tasks: TaskSet, local: tuple[str, int],
+    def __init__(self, receive: QueryReceiver, tasks: TaskSet, local: tuple[str, int],
                  sock: socket.socket) -> None:
-        self._handle = handle
+        self._receive = receive
         self._tasks = tasks
         self._local = local
         self._sock = sock
@@ -96,19 +124,16 @@ class _UdpListener(asyncio.DatagramProtocol):
         self._transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        client = Client(addr[0], addr[1], "udp", self._local)
-        self._tasks.spawn(self._serve(data, client, addr))
+        self._tasks.receiving += 1
+        asyncio.get_running_loop().call_soon(self._receive, data, Client(addr[0], addr[1], "udp", self._local),
+                          functools.partial(self._reply, addr))
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for replies to clients that went away: nothing to do, nothing to stop.
         log.debug("udp listener %s: %s", self._local, exc)
 
-    async def _serve(self, data: bytes, client: Client, addr: Any) -> None:
-        try:
-            reply = await self._handle(data, client)
-        except Exception:  # the handler guards itself; this is the last line
-            log.exception("udp handler failed")
-            return
+    def _reply(self, addr: Any, reply: bytes | None) -> None:
+        self._tasks.receiving -= 1
         if reply is None:
             return
         if self._transport is not None:
@@ -347,7 +372,10 @@ class DnsServer:
 
     def __init__(self, addresses: list[tuple[str, int]], handle: QueryHandler, metrics: Metrics,
                  limits: ListenerLimits, tcp: bool = True,
-                 transparent: list[tuple[str, int]] | None = None) -> None:
+                 transparent: list[tuple[str, int]] | None = None,
+                 receive: QueryReceiver | None = None) -> None:
+        """``handle`` serves TCP, and UDP too unless ``receive`` (the same handler's callback
+        entry, ``Proxy.receive``) is given."""
         self._addresses = addresses
         self._transparent = transparent or []  # TPROXY targets (see dns/transparent.py)
         self._handle = handle
@@ -355,6 +383,7 @@ class DnsServer:
         self._limits = limits
         self._tcp = tcp
         self.tasks = TaskSet()
+        self._receive = receive or self.tasks.receiver(handle)
         self.bound: list[tuple[str, str, int]] = []  # (protocol, ip, port) actually bound
         self.sockets: list[ListenerSocket] = []  # what a successor agent takes over
         self._inherited: list[ListenerSocket] = []
@@ -383,7 +412,7 @@ class DnsServer:
             port = udp_sock.getsockname()[1]
             local = (ip, port)
             _, udp_listener = await loop.create_datagram_endpoint(
-                lambda local=local, sock=udp_sock: _UdpListener(self._handle, self.tasks, local,
+                lambda local=local, sock=udp_sock: _UdpListener(self._receive, self.tasks, local,
                                                                 sock),
                 sock=udp_sock)
             self._udp_listeners.append(udp_listener)
@@ -411,7 +440,7 @@ class DnsServer:
                     or _bind(ip, port, socket.SOCK_DGRAM, transparent=True))
         transparent_mod.report_original_destination(udp_sock)
         _grow_receive_buffer(udp_sock)
-        udp = transparent_mod.TransparentUdpListener(udp_sock, self._handle, self.tasks,
+        udp = transparent_mod.TransparentUdpListener(udp_sock, self._receive, self.tasks,
                                                      self._metrics)
         udp.start()
         self._closers.append(udp.close)
@@ -452,8 +481,13 @@ class DnsServer:
 
     async def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the queries in flight to finish."""
+        deadline = time.monotonic() + timeout
         if self.tasks.tasks:
             await asyncio.wait(list(self.tasks.tasks), timeout=timeout)
+        # Datagrams a receiver holds have no task to wait on: poll their count. Each settles
+        # within the upstream timeout, which ``timeout`` covers.
+        while self.tasks.receiving > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     async def _check_timers_forever(self) -> None:
         tick = min(self._limits.tcp_idle_timeout, self._limits.tcp_message_timeout) / 4

@@ -15,6 +15,7 @@ original destination, and answers go back on the same connection (see ``server.p
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import struct
@@ -84,11 +85,11 @@ def send_from(source: tuple[str, int], destination: tuple[Any, ...], data: bytes
 
 
 class TransparentUdpListener:
-    """Reads redirected datagrams and hands each to the query handler."""
+    """Reads redirected datagrams and hands each to the query receiver (dns/server.py)."""
 
-    def __init__(self, sock: socket.socket, handle: Any, tasks: Any, metrics: Any) -> None:
+    def __init__(self, sock: socket.socket, receive: Any, tasks: Any, metrics: Any) -> None:
         self._sock = sock
-        self._handle = handle
+        self._receive = receive
         self._tasks = tasks
         self._metrics = metrics
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -116,13 +117,14 @@ class TransparentUdpListener:
                 self._metrics.malformed.labels("no_original_destination").inc()
                 continue
             client = Client(peer[0], peer[1], "udp", original)
-            self._tasks.spawn(self._serve(data, client, peer))
+            self._tasks.receiving += 1
+            try:
+                self._receive(data, client, functools.partial(self._reply, client, peer))
+            except Exception:  # the receiver guards itself; this is the last line
+                log.exception("transparent udp receiver failed")
+                self._tasks.receiving -= 1
 
-    async def _serve(self, data: bytes, client: Client, peer: tuple[Any, ...]) -> None:
-        try:
-            reply = await self._handle(data, client)
-        except Exception:
-            log.exception("transparent udp handler failed")
-            return
+    def _reply(self, client: Client, peer: tuple[Any, ...], reply: bytes | None) -> None:
+        self._tasks.receiving -= 1
         if reply is not None and not send_from(client.local, peer, reply):
             self._metrics.reply_failures.inc()

@@ -8,7 +8,9 @@ ports after ``socket_max_queries`` queries or ``socket_max_age`` seconds. An ans
 only with the ID asked, the QR bit set and the same question (name compared case-insensitively,
 type, class); anything else is dropped and counted in ``fqdnproxy_upstream_stray_answers``.
 
-Timeouts cost no timer per query: sends are appended to one deque in send order, and since every
+Each query settles through a callback, ``on_answer(answer, error)``, called exactly once: no
+future, task or coroutine per query on the UDP path (``exchange_udp`` wraps it in a future for
+callers that would rather await). Timeouts cost no timer per query: sends are appended to one deque in send order, and since every
 query has the same timeout, a sweeper that pops from the front finds every expired query in
 O(expired).
 
@@ -26,7 +28,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from fqdnproxy.dns import wire
 from fqdnproxy.errors import FqdnproxyError
@@ -86,14 +88,18 @@ class RandomStream:
         return self._values.pop()
 
 
+AnswerCallback = Callable[[bytes | None, "UpstreamError | None"], None]
+"""Settles one query: ``(answer, None)`` or ``(None, error)``. It must not raise."""
+
+
 class _Pending:
     """One query waiting for its answer on one socket."""
 
-    __slots__ = ("future", "question", "deadline", "owner", "query_id")
+    __slots__ = ("on_answer", "question", "deadline", "owner", "query_id")
 
-    def __init__(self, future: asyncio.Future[bytes], question: bytes, deadline: float,
+    def __init__(self, on_answer: AnswerCallback, question: bytes, deadline: float,
                  owner: _UpstreamSocket, query_id: int) -> None:
-        self.future = future
+        self.on_answer = on_answer
         self.question = question
         self.deadline = deadline
         self.owner = owner
@@ -155,10 +161,10 @@ class _UpstreamSocket(asyncio.DatagramProtocol):
         self.fail_all(UpstreamUnreachable("upstream socket closed"))
 
     def fail_all(self, error: UpstreamError) -> None:
-        for pending in self.pending.values():
-            if not pending.future.done():
-                pending.future.set_exception(error)
-        self.pending.clear()
+        waiting = list(self.pending.values())
+        self.pending.clear()  # before the callbacks: each query settles exactly once
+        for pending in waiting:
+            pending.on_answer(None, error)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -276,17 +282,54 @@ class UpstreamClient:
             UpstreamTimeout: no acceptable answer within the timeout.
             UpstreamUnreachable: the server refused or could not be reached.
         """
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        def settle(answer: bytes | None, error: UpstreamError | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(answer)  # type: ignore[arg-type]
+
+        self.send_udp(server, query, data, settle)
+        return await future
+
+    def send_udp(self, server: Server, query: wire.Query, data: bytes,
+                 on_answer: AnswerCallback) -> None:
+        """Forward ``data`` to ``server`` over UDP; ``on_answer`` settles it exactly once: with
+        the answer (the upstream's ID), ``UpstreamTimeout`` or ``UpstreamUnreachable``. It may
+        run before this returns (an event loop may report a failed send at once)."""
         pool = self._pools.get(server)
         if pool is None or not pool.sockets:  # the first query to this server, or a refill
-            pool = await self._pool(server)
-        elif len(self._pools) > 1:
+            self.spawn(self._send_when_open(server, query, data, on_answer))
+            return
+        if len(self._pools) > 1:
             self._pools.move_to_end(server)  # LRU order, for the cap on servers
+        self._send(pool, query, data, on_answer)
+
+    async def _send_when_open(self, server: Server, query: wire.Query, data: bytes,
+                              on_answer: AnswerCallback) -> None:
+        try:
+            pool = await self._pool(server)
+        except UpstreamError as error:
+            on_answer(None, error)
+            return
+        except asyncio.CancelledError:  # the client is closing
+            on_answer(None, UpstreamUnreachable("upstream client closed"))
+            raise
+        if not pool.sockets:  # closed while it was being filled
+            on_answer(None, UpstreamUnreachable(f"no socket to {server[0]}:{server[1]}"))
+            return
+        self._send(pool, query, data, on_answer)
+
+    def _send(self, pool: _ServerPool, query: wire.Query, data: bytes,
+              on_answer: AnswerCallback) -> None:
         sock = pool.sockets[self._random.next16() % len(pool.sockets)]
         query_id = self._random.next16()
         while query_id in sock.pending:
             query_id = self._random.next16()
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        pending = _Pending(future, question_key(query, data),
+        pending = _Pending(on_answer, question_key(query, data),
                            time.monotonic() + self.settings.timeout, sock, query_id)
         sock.pending[query_id] = pending
         self._deadlines.append(pending)
@@ -296,7 +339,6 @@ class UpstreamClient:
         if (sock.sent >= self.settings.socket_max_queries
                 or pending.deadline - sock.created > self.settings.socket_max_age):
             pool.retire(sock)
-        return await future
 
     async def _pool(self, server: Server) -> _ServerPool:
         pool = self._pools.get(server)
@@ -343,9 +385,8 @@ class UpstreamClient:
             stray.labels(reason).inc()
             return
         del sock.pending[pending.query_id]
-        if not pending.future.done():
-            pending.future.set_result(data)
         sock.pool.close_if_idle(sock)
+        pending.on_answer(data, None)
 
     def socket_failed(self, sock: _UpstreamSocket, error: Exception) -> None:
         """An ICMP error on a connected socket: fail its queries with SERVFAIL."""
@@ -367,10 +408,9 @@ class UpstreamClient:
             owner = pending.owner
             if owner.pending.get(pending.query_id) is pending:
                 del owner.pending[pending.query_id]
-                if not pending.future.done():
-                    pending.future.set_exception(UpstreamTimeout())
-                    expired += 1
                 owner.pool.close_if_idle(owner)
+                pending.on_answer(None, UpstreamTimeout())
+                expired += 1
         return expired
 
     # --- TCP ----------------------------------------------------------------------------------
