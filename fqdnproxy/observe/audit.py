@@ -63,6 +63,37 @@ class AuditRecord:
     query_message: bytes = b""
     response_message: bytes | None = None
 
+    @classmethod
+    def fast(cls, *, time: float, type: str, protocol: str, source: tuple[str, int],
+             server: tuple[str, int] | None, query_name: str, query_type: str, query_class: int,
+             query_id: int, verdict: str, reason: str, rcode: str | None, latency: float,
+             answers: tuple[wire.Record, ...] = (), cnames: tuple[str, ...] = (),
+             endpoint: dict[str, Any] | None = None, allowed_ips: tuple[AllowedIp, ...] = (),
+             query_message: bytes = b"", response_message: bytes | None = None) -> AuditRecord:
+        """The same record as the constructor's, for the query path: one per exchange, built in
+        about half the time (stored through the slot descriptors, as ``wire``'s builders do)."""
+        record = _new(cls)
+        _set_time(record, time)
+        _set_type(record, type)
+        _set_protocol(record, protocol)
+        _set_source(record, source)
+        _set_server(record, server)
+        _set_query_name(record, query_name)
+        _set_query_type(record, query_type)
+        _set_query_class(record, query_class)
+        _set_query_id(record, query_id)
+        _set_verdict(record, verdict)
+        _set_reason(record, reason)
+        _set_rcode(record, rcode)
+        _set_latency(record, latency)
+        _set_answers(record, answers)
+        _set_cnames(record, cnames)
+        _set_endpoint(record, endpoint)
+        _set_allowed_ips(record, allowed_ips)
+        _set_query_message(record, query_message)
+        _set_response_message(record, response_message)
+        return record
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON object written to the log (ECS mapping in the README). The log itself
         renders through ``AuditRenderer``, which writes the same bytes faster."""
@@ -87,6 +118,19 @@ class AuditRecord:
                         for a in self.allowed_ips],
             "latency_ms": round(self.latency * 1000.0, 3),
         }
+
+
+# A frozen dataclass's __init__ stores each field through object.__setattr__; AuditRecord.fast
+# calls the slot descriptors' __set__ directly (the idiom of wire's builders and
+# allowmap.AllowEntry.trusted), which skips looking each field's descriptor up by name.
+_new = object.__new__
+(_set_time, _set_type, _set_protocol, _set_source, _set_server, _set_query_name, _set_query_type,
+ _set_query_class, _set_query_id, _set_verdict, _set_reason, _set_rcode, _set_latency,
+ _set_answers, _set_cnames, _set_endpoint, _set_allowed_ips, _set_query_message,
+ _set_response_message) = (AuditRecord.__dict__[name].__set__ for name in (
+    "time", "type", "protocol", "source", "server", "query_name", "query_type", "query_class",
+    "query_id", "verdict", "reason", "rcode", "latency", "answers", "cnames", "endpoint",
+    "allowed_ips", "query_message", "response_message"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,9 @@ orjson), kept here verbatim so a change to either side shows up as a byte differ
 from __future__ import annotations
 
 import gc
+import inspect
 import time
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +186,44 @@ def test_answers_in_a_list_are_rendered_not_remembered() -> None:
     answers.append(wire.Record("a.example", 1, 60, "192.0.2.2"))
     assert renderer.render(record) == reference_line(record)
     assert len(renderer.memos()["answers"]) == 0
+
+
+# --- the fast constructor ----------------------------------------------------------------------
+
+
+def test_fast_takes_every_field_with_the_same_defaults() -> None:
+    parameters = inspect.signature(audit.AuditRecord.fast).parameters
+    assert list(parameters) == [f.name for f in fields(audit.AuditRecord)]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters.values())
+    assert {name: p.default for name, p in parameters.items()} == {
+        f.name: inspect.Parameter.empty if f.default is MISSING else f.default
+        for f in fields(audit.AuditRecord)}
+
+
+@PROPERTY
+@given(audit_records([]), st.binary(max_size=8), st.one_of(st.none(), st.binary(max_size=8)))
+def test_fast_builds_the_record_the_constructor_builds(
+        record: audit.AuditRecord, query: bytes, response: bytes | None) -> None:
+    values = {f.name: getattr(record, f.name) for f in fields(audit.AuditRecord)}
+    values.update(query_message=query, response_message=response)
+    fast = audit.AuditRecord.fast(**values)
+    assert type(fast) is audit.AuditRecord
+    assert fast == audit.AuditRecord(**values)
+    assert {name: getattr(fast, name) for name in values} == values
+
+
+def test_fast_keeps_the_record_frozen() -> None:
+    record = audit.AuditRecord.fast(
+        time=1.0, type="query", protocol="udp", source=("10.0.0.1", 1), server=None,
+        query_name="a.example", query_type="A", query_class=1, query_id=1, verdict="denied",
+        reason="r", rcode="REFUSED", latency=0.0)
+    try:
+        record.verdict = "allowed"  # type: ignore[misc]
+    except AttributeError:
+        pass
+    else:
+        raise AssertionError("an AuditRecord built by fast() is writable")
+    assert record.answers == () and record.endpoint is None and record.response_message is None
 
 
 # --- the sink ----------------------------------------------------------------------------------
