@@ -7,7 +7,8 @@ verdict and, for answers, the rcode, the answer records and the CNAME chain. Pac
 drops are records of their own: ``DropRecord`` (``drop``) and ``DropSummaryRecord``
 (``drop_summary``), written by ``observe.drops``.
 
-The hot path renders the record into one JSON line (orjson; a few microseconds) and appends it to
+The hot path renders the record into one JSON line (``AuditRenderer``: orjson, with a repeated
+answer's JSON and each second's date text remembered; a few microseconds) and appends it to
 a bounded deque; a writer thread joins the lines and writes them, so a slow disk never stalls
 DNS. When the deque is full the line is dropped and counted (``fqdnproxy_audit_records_dropped``):
 losing an audit line is bad, blocking every pod's DNS is worse.
@@ -33,6 +34,7 @@ import orjson
 
 from fqdnproxy.dns import wire
 from fqdnproxy.exchange import AllowedIp
+from fqdnproxy.memo import BoundedMemo
 from fqdnproxy.observe.metrics import Metrics
 
 
@@ -53,7 +55,7 @@ class AuditRecord:
     reason: str  # the rule that decided, or why the proxy answered itself
     rcode: str | None  # rcode released to the client; None when nothing was released
     latency: float  # seconds from receipt to release
-    answers: tuple[wire.Record, ...] = ()  # rendered by the writer thread, not the hot path
+    answers: tuple[wire.Record, ...] = ()  # the parse cache's tuple: its JSON is remembered
     cnames: tuple[str, ...] = ()
     endpoint: dict[str, Any] | None = None
     allowed_ips: tuple[AllowedIp, ...] = ()  # what the answer let the endpoint reach
@@ -61,8 +63,40 @@ class AuditRecord:
     query_message: bytes = b""
     response_message: bytes | None = None
 
+    @classmethod
+    def fast(cls, *, time: float, type: str, protocol: str, source: tuple[str, int],
+             server: tuple[str, int] | None, query_name: str, query_type: str, query_class: int,
+             query_id: int, verdict: str, reason: str, rcode: str | None, latency: float,
+             answers: tuple[wire.Record, ...] = (), cnames: tuple[str, ...] = (),
+             endpoint: dict[str, Any] | None = None, allowed_ips: tuple[AllowedIp, ...] = (),
+             query_message: bytes = b"", response_message: bytes | None = None) -> AuditRecord:
+        """The same record as the constructor's, for the query path: one per exchange, built in
+        about half the time (stored through the slot descriptors, as ``wire``'s builders do)."""
+        record = _new(cls)
+        _set_time(record, time)
+        _set_type(record, type)
+        _set_protocol(record, protocol)
+        _set_source(record, source)
+        _set_server(record, server)
+        _set_query_name(record, query_name)
+        _set_query_type(record, query_type)
+        _set_query_class(record, query_class)
+        _set_query_id(record, query_id)
+        _set_verdict(record, verdict)
+        _set_reason(record, reason)
+        _set_rcode(record, rcode)
+        _set_latency(record, latency)
+        _set_answers(record, answers)
+        _set_cnames(record, cnames)
+        _set_endpoint(record, endpoint)
+        _set_allowed_ips(record, allowed_ips)
+        _set_query_message(record, query_message)
+        _set_response_message(record, response_message)
+        return record
+
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object written to the log (ECS mapping in the README)."""
+        """The JSON object written to the log (ECS mapping in the README). The log itself
+        renders through ``AuditRenderer``, which writes the same bytes faster."""
         return {
             "time": _rfc3339(self.time),
             "type": self.type,
@@ -84,6 +118,19 @@ class AuditRecord:
                         for a in self.allowed_ips],
             "latency_ms": round(self.latency * 1000.0, 3),
         }
+
+
+# A frozen dataclass's __init__ stores each field through object.__setattr__; AuditRecord.fast
+# calls the slot descriptors' __set__ directly (the idiom of wire's builders and
+# allowmap.AllowEntry.trusted), which skips looking each field's descriptor up by name.
+_new = object.__new__
+(_set_time, _set_type, _set_protocol, _set_source, _set_server, _set_query_name, _set_query_type,
+ _set_query_class, _set_query_id, _set_verdict, _set_reason, _set_rcode, _set_latency,
+ _set_answers, _set_cnames, _set_endpoint, _set_allowed_ips, _set_query_message,
+ _set_response_message) = (AuditRecord.__dict__[name].__set__ for name in (
+    "time", "type", "protocol", "source", "server", "query_name", "query_type", "query_class",
+    "query_id", "verdict", "reason", "rcode", "latency", "answers", "cnames", "endpoint",
+    "allowed_ips", "query_message", "response_message"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +213,111 @@ class _Rfc3339:
 
 _rfc3339 = _Rfc3339()
 
+ANSWERS_MEMO_SIZE = 4096  # answers; as many as the parse cache remembers by default
+DATES_MEMO_SIZE = 1024  # seconds: the current one and those a TTL ahead (allowed IPs' expiry)
+
+
+class AuditRenderer:
+    """Renders an ``AuditRecord`` into its JSON line: the bytes of
+    ``orjson.dumps(record.to_dict(), option=orjson.OPT_APPEND_NEWLINE)``, for less CPU.
+
+    The saving is in Python work not done; orjson's own share is unchanged:
+
+    - ``answers``: the parse cache hands out one tuple of records per distinct answer, so a
+      repeated answer's JSON is rendered once and inserted as an ``orjson.Fragment``. Keyed by
+      the tuple's id with the tuple held in the entry: while the entry lives no other object
+      can have that id, and the tuple and its records are frozen, so the text stays true.
+      Hashing the tuple instead would call every record's dataclass ``__hash__``, costing about
+      what rendering saves. A tuple equal to one remembered but not the same object misses.
+    - ``dates``: the "YYYY-MM-DDTHH:MM:SS" of a second, as a %-template for the microseconds.
+      A record's time and its allowed IPs' expiry (a TTL later) fall in different seconds, so
+      ``_Rfc3339``'s one-second cache missed twice per answer (gmtime and strftime each time).
+      The record's time still gets a one-second slot in front of the memo (records come in
+      time order), and an answer's IPs mostly share one expiry, formatted once.
+    - ``cnames`` is written from the tuple (orjson writes tuples as arrays), without a list.
+
+    Both memos are ``BoundedMemo``s (FIFO, capped, counted: ``fqdnproxy_audit_memo_*``). Not
+    thread-safe: only the loop's thread emits ``AuditRecord``s (drop records, from the drop
+    reader, go through ``to_dict``).
+    """
+
+    def __init__(self, answers_size: int = ANSWERS_MEMO_SIZE,
+                 dates_size: int = DATES_MEMO_SIZE) -> None:
+        # id(answers) -> (answers, their JSON); the tuple held so its id stays its own.
+        self._answers: BoundedMemo[int, tuple[tuple[wire.Record, ...], orjson.Fragment]] = (
+            BoundedMemo(answers_size))
+        self._dates: BoundedMemo[int, str] = BoundedMemo(dates_size)
+        self._now: tuple[int, str] = (-1, "")  # the last record time's second and its template
+
+    def memos(self) -> dict[str, BoundedMemo[Any, Any]]:
+        """The memos by name ("answers", "dates"), for metrics."""
+        return {"answers": self._answers, "dates": self._dates}
+
+    def render(self, record: AuditRecord) -> bytes:
+        """The record's JSON line, newline included."""
+        timestamp = record.time
+        second = int(timestamp)
+        now = self._now
+        if now[0] != second:
+            now = self._now = (second, self._date(second))
+        source = record.source
+        server = record.server
+        allowed = record.allowed_ips
+        return orjson.dumps({
+            # As _rfc3339: %d truncates the float as int() does.
+            "time": now[1] % ((timestamp - second) * 1_000_000),
+            "type": record.type,
+            "endpoint": record.endpoint,
+            "source": {"ip": source[0], "port": source[1]},
+            "server": {"ip": server[0], "port": server[1]} if server else None,
+            "protocol": record.protocol,
+            "query": {"name": record.query_name, "type": record.query_type,
+                      "class": record.query_class, "id": record.query_id},
+            "verdict": record.verdict,
+            "reason": record.reason,
+            "rcode": record.rcode,
+            "answers": self._answers_json(record.answers),
+            "cnames": record.cnames,
+            "allowed": self._allowed_json(allowed) if allowed else allowed,  # () is written []
+            "latency_ms": round(record.latency * 1000.0, 3),
+        }, option=orjson.OPT_APPEND_NEWLINE)
+
+    def _answers_json(self, answers: tuple[wire.Record, ...]) -> Any:
+        if type(answers) is not tuple:  # not from a parse: no id to trust
+            return [_answer(a) for a in answers]
+        if not answers:
+            return answers  # written as []
+        found = self._answers.get(id(answers))
+        if found is not None and found[0] is answers:  # always, while held; cheap to check
+            return found[1]
+        fragment = orjson.Fragment(orjson.dumps([_answer(a) for a in answers]))
+        self._answers.put(id(answers), (answers, fragment))
+        return fragment
+
+    def _allowed_json(self, allowed: tuple[AllowedIp, ...]) -> list[dict[str, Any]]:
+        out = []
+        expires, text = None, ""
+        for a in allowed:
+            if a.expires != expires:  # equal floats format alike (0.0 and -0.0 included)
+                expires = a.expires
+                second = int(expires)
+                text = self._date(second) % ((expires - second) * 1_000_000)
+            out.append({"ip": a.ip, "expires": text, "ports": a.ports})
+        return out
+
+    def _date(self, second: int) -> str:
+        """The %-template of ``second``'s RFC 3339 text, taking the microseconds."""
+        template = self._dates.get(second)
+        if template is None:
+            template = time.strftime("%Y-%m-%dT%H:%M:%S.%%06dZ", time.gmtime(second))
+            self._dates.put(second, template)
+        return template
+
+
+def _answer(record: wire.Record) -> dict[str, Any]:
+    return {"name": record.name, "type": wire.qtype_name(record.rtype), "ttl": record.ttl,
+            "data": record.data}
+
 
 class AuditSink(Protocol):
     """Where the proxy sends finished exchanges."""
@@ -216,6 +368,8 @@ class JsonLinesAuditLog:
         self._lines: collections.deque[bytes] = collections.deque()
         self._queue_size = queue_size
         self._metrics = metrics
+        self._renderer = AuditRenderer()
+        metrics.watch_audit_renderer(self._renderer)
         self._reopen = threading.Event()
         self._stop = threading.Event()
         self._stream: IO[bytes] = self._open()
@@ -224,11 +378,15 @@ class JsonLinesAuditLog:
 
     def emit(self, record: AuditRecord | DropRecord | DropSummaryRecord) -> None:
         """Render one record and queue its line, or drop and count it when the queue is full.
-        Any thread (the loop's, the drop-event reader's); ``deque.append`` is atomic."""
+        Any thread (``AuditRecord``s the loop's, drop records the drop-event reader's: the
+        renderer's memos are the loop's alone); ``deque.append`` is atomic."""
         if len(self._lines) >= self._queue_size:
             self._metrics.audit_dropped.inc()
             return
-        self._lines.append(orjson.dumps(record.to_dict(), option=orjson.OPT_APPEND_NEWLINE))
+        if type(record) is AuditRecord:
+            self._lines.append(self._renderer.render(record))
+        else:
+            self._lines.append(orjson.dumps(record.to_dict(), option=orjson.OPT_APPEND_NEWLINE))
 
     def reopen(self) -> None:
         """Reopen the file before the next write (SIGHUP)."""

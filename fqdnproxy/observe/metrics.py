@@ -172,6 +172,13 @@ class Metrics:
             "fqdnproxy_decision_cache", "Policy verdicts", "",
             lambda: {"": (len(decider.memo), decider.memo.stats)}))
 
+    def watch_audit_renderer(self, renderer: Any) -> None:
+        """Export an ``audit.AuditRenderer``'s memos (``fqdnproxy_audit_memo_*``, by memo:
+        answers, dates); one per registry."""
+        self._watch_memo(_MemoCollector(
+            "fqdnproxy_audit_memo", "Rendered audit fields", "memo",
+            lambda: {name: (len(memo), memo.stats) for name, memo in renderer.memos().items()}))
+
     def _watch_memo(self, collector: _MemoCollector) -> None:
         try:
             self.registry.register(collector)
