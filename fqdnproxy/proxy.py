@@ -334,7 +334,7 @@ class Proxy:
                 reply: bytes | None, allowed_ips: tuple[AllowedIp, ...] = ()) -> AuditRecord:
         question = exchange.query.question
         client = exchange.client
-        return AuditRecord(
+        return AuditRecord.fast(
             time=time.time(),
             type=kind,
             protocol=client.protocol,
