@@ -92,6 +92,10 @@ AnswerCallback = Callable[[bytes | None, "UpstreamError | None"], None]
 """Settles one query: ``(answer, None)`` or ``(None, error)``. It must not raise."""
 
 
+def _settled(answer: bytes | None, error: UpstreamError | None) -> None:
+    """The callback of a query already settled."""
+
+
 class _Pending:
     """One query waiting for its answer on one socket."""
 
@@ -104,6 +108,15 @@ class _Pending:
         self.deadline = deadline
         self.owner = owner
         self.query_id = query_id
+
+    def settle(self, answer: bytes | None, error: UpstreamError | None) -> None:
+        """Hand the outcome on, once. The timeout deque keeps this object until its deadline:
+        forgetting the callback frees the exchange it carries now, not seconds later (objects
+        that live that long end up in the collector's oldest generation and make full
+        collections, and their pauses, more frequent)."""
+        on_answer = self.on_answer
+        self.on_answer = _settled
+        on_answer(answer, error)
 
 
 def question_key(query: wire.Query, data: bytes) -> bytes:
@@ -164,7 +177,7 @@ class _UpstreamSocket(asyncio.DatagramProtocol):
         waiting = list(self.pending.values())
         self.pending.clear()  # before the callbacks: each query settles exactly once
         for pending in waiting:
-            pending.on_answer(None, error)
+            pending.settle(None, error)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -386,7 +399,7 @@ class UpstreamClient:
             return
         del sock.pending[pending.query_id]
         sock.pool.close_if_idle(sock)
-        pending.on_answer(data, None)
+        pending.settle(data, None)
 
     def socket_failed(self, sock: _UpstreamSocket, error: Exception) -> None:
         """An ICMP error on a connected socket: fail its queries with SERVFAIL."""
@@ -409,7 +422,7 @@ class UpstreamClient:
             if owner.pending.get(pending.query_id) is pending:
                 del owner.pending[pending.query_id]
                 owner.pool.close_if_idle(owner)
-                pending.on_answer(None, UpstreamTimeout())
+                pending.settle(None, UpstreamTimeout())
                 expired += 1
         return expired
 
