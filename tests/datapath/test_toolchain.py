@@ -218,14 +218,16 @@ def test_sender_script_is_valid_python() -> None:
 
 
 def _resident_kb(libraries: tuple[str, ...]) -> int:
-    """Resident KiB of this process's mappings of ``libraries`` (/proc/self/smaps)."""
+    """Resident KiB of this process's mappings of ``libraries`` that no other process maps
+    (/proc/self/smaps, Private_*). MADV_PAGEOUT leaves pages another process also maps (another
+    bcc user on the machine) resident, and so should this count."""
     total, counting = 0, False
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
             fields = line.split()
             if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
                 counting = len(fields) >= 6 and any(name in fields[5] for name in libraries)
-            elif counting and fields[0] == "Rss:":
+            elif counting and fields[0] in ("Private_Clean:", "Private_Dirty:"):
                 total += int(fields[1])
     return total
 
