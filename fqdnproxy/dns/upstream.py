@@ -10,9 +10,11 @@ type, class); anything else is dropped and counted in ``fqdnproxy_upstream_stray
 
 Each query settles through a callback, ``on_answer(answer, error)``, called exactly once: no
 future, task or coroutine per query on the UDP path (``exchange_udp`` wraps it in a future for
-callers that would rather await). Timeouts cost no timer per query: sends are appended to one deque in send order, and since every
-query has the same timeout, a sweeper that pops from the front finds every expired query in
-O(expired).
+callers that would rather await). Timeouts cost no timer per query: every query waiting is in
+one ordered dict in send order, and since every query has the same timeout, a sweeper that pops
+from the front finds every expired query in O(expired). A query leaves it as soon as it settles:
+kept until its deadline (2 s), each exchange would outlive two collections and reach the
+collector's oldest generation, making full collections, and their pauses, more frequent.
 
 Errors: ``UpstreamTimeout`` means no answer (the proxy stays silent, the client retries);
 ``UpstreamUnreachable`` (ICMP port unreachable, TCP reset or refusal) and ``UpstreamBadAnswer``
@@ -96,24 +98,27 @@ def _settled(answer: bytes | None, error: UpstreamError | None) -> None:
     """The callback of a query already settled."""
 
 
+Waiting = collections.OrderedDict["_Pending", None]
+
+
 class _Pending:
     """One query waiting for its answer on one socket."""
 
-    __slots__ = ("on_answer", "question", "deadline", "owner", "query_id")
+    __slots__ = ("on_answer", "question", "deadline", "owner", "query_id", "waiting")
 
     def __init__(self, on_answer: AnswerCallback, question: bytes, deadline: float,
-                 owner: _UpstreamSocket, query_id: int) -> None:
+                 owner: _UpstreamSocket, query_id: int, waiting: Waiting) -> None:
         self.on_answer = on_answer
         self.question = question
         self.deadline = deadline
         self.owner = owner
         self.query_id = query_id
+        self.waiting = waiting  # the client's queries in deadline order; this one among them
+        waiting[self] = None
 
     def settle(self, answer: bytes | None, error: UpstreamError | None) -> None:
-        """Hand the outcome on, once. The timeout deque keeps this object until its deadline:
-        forgetting the callback frees the exchange it carries now, not seconds later (objects
-        that live that long end up in the collector's oldest generation and make full
-        collections, and their pauses, more frequent)."""
+        """Hand the outcome on, once, and leave the deadline order."""
+        self.waiting.pop(self, None)
         on_answer = self.on_answer
         self.on_answer = _settled
         on_answer(answer, error)
@@ -257,7 +262,7 @@ class UpstreamClient:
         self.settings = settings
         self.metrics = metrics
         self._pools: collections.OrderedDict[Server, _ServerPool] = collections.OrderedDict()
-        self._deadlines: collections.deque[_Pending] = collections.deque()
+        self._deadlines: Waiting = collections.OrderedDict()
         self._random = RandomStream()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -343,9 +348,9 @@ class UpstreamClient:
         while query_id in sock.pending:
             query_id = self._random.next16()
         pending = _Pending(on_answer, question_key(query, data),
-                           time.monotonic() + self.settings.timeout, sock, query_id)
+                           time.monotonic() + self.settings.timeout, sock, query_id,
+                           self._deadlines)
         sock.pending[query_id] = pending
-        self._deadlines.append(pending)
         assert sock.transport is not None
         sock.transport.sendto(wire.with_id(data, query_id))
         sock.sent += 1
@@ -416,8 +421,11 @@ class UpstreamClient:
         """Fail every query whose deadline has passed; O(expired). Returns how many."""
         expired = 0
         deadlines = self._deadlines
-        while deadlines and deadlines[0].deadline <= now:
-            pending = deadlines.popleft()
+        while deadlines:
+            pending = next(iter(deadlines))
+            if pending.deadline > now:
+                break
+            del deadlines[pending]
             owner = pending.owner
             if owner.pending.get(pending.query_id) is pending:
                 del owner.pending[pending.query_id]
