@@ -487,19 +487,34 @@ def parse_response(data: bytes) -> Response:
             raise BadQuestionCount(f"response with {header.qdcount} questions", offset=4)
         cur = _Cursor(data, HEADER_SIZE, len(data))
         question = _read_question(cur) if header.qdcount else None
-        records = _read_answers(cur, header.ancount, question.name if question else None)
+        records, direct = _read_answers(cur, header.ancount, question.name if question else None)
     except WireError:
         raise
     except _STRAY as exc:
         raise _stray(exc) from exc
     if question is None:
-        return Response(header, None, records, (), ())
-    cnames, addresses = _follow_chain(question.name, records)
-    return Response(header, question, records, cnames, addresses)
+        cnames, addresses = (), ()
+    elif direct is not None:  # no CNAME: the chain is the question name alone
+        cnames, addresses = (), tuple(direct.values())
+    else:
+        cnames, addresses = _follow_chain(question.name, records)
+    response = _new(Response)
+    _set_resp_header(response, header)
+    _set_resp_question(response, question)
+    _set_resp_records(response, records)
+    _set_resp_cnames(response, cnames)
+    _set_resp_addresses(response, addresses)
+    return response
 
 
-def _read_answers(cur: _Cursor, count: int, qname: str | None) -> tuple[Record, ...]:
-    """Read ``count`` records at the cursor, keeping class IN A, AAAA and CNAME records."""
+def _read_answers(cur: _Cursor, count: int, qname: str | None
+                  ) -> tuple[tuple[Record, ...], dict[str, Address] | None]:
+    """Read ``count`` records at the cursor, keeping class IN A, AAAA and CNAME records.
+
+    Returns the records and, when none is a CNAME, the addresses ``_follow_chain`` would give
+    (those of ``qname``'s records, by address, each with its largest TTL), gathered on the way;
+    None when there is a CNAME and the chain must be followed.
+    """
     data = cur.data
     end = cur.end
     # Owner names are nearly always one pointer to the question name (c0 0c) or to an earlier
@@ -507,6 +522,7 @@ def _read_answers(cur: _Cursor, count: int, qname: str | None) -> tuple[Record, 
     # to land before T, gives the same result whoever points at T. Bounded by the message.
     by_target: dict[int, str] = {HEADER_SIZE: qname} if qname is not None else {}
     records: list[Record] = []
+    direct: dict[str, Address] | None = {}  # address -> Address, while no CNAME is seen
     unpack_pointed = _RR_POINTED.unpack_from
     pointed_size = _RR_POINTED.size
     for _ in range(count):
@@ -547,13 +563,24 @@ def _read_answers(cur: _Cursor, count: int, qname: str | None) -> tuple[Record, 
             text = _rdata_text(data, rtype, rdata_at, rdlength)
             if rtype == _TYPE_CNAME:
                 by_target[rdata_at] = text  # the next owner on the chain usually points here
+                direct = None
         record = _new(Record)
         _set_r_name(record, owner)
         _set_r_type(record, rtype)
         _set_r_ttl(record, ttl)
         _set_r_data(record, text)
         records.append(record)
-    return tuple(records)
+        if direct is not None and owner == qname:
+            if ttl > MAX_TTL:
+                ttl = 0  # RFC 2181 §8, as _effective_ttl
+            seen = direct.get(text)
+            if seen is None or ttl > seen.ttl:
+                address = _new(Address)
+                _set_a_ip(address, text)
+                _set_a_family(address, 4 if rtype == _TYPE_A else 6)
+                _set_a_ttl(address, ttl)
+                direct[text] = address
+    return tuple(records), direct
 
 
 def _rdata_text(data: bytes, rtype: int, at: int, length: int) -> str:
@@ -595,8 +622,6 @@ def _follow_chain(qname: str, records: tuple[Record, ...]) -> tuple[tuple[str, .
     for record in records:
         if record.rtype == _TYPE_CNAME:
             first_cname.setdefault(record.name, record)
-    if not first_cname:
-        return (), _addresses_of(qname, records)
     chain_ttl = {qname: MAX_TTL}  # name on the chain -> smallest TTL on the way to it
     cnames: list[str] = []
     name, ttl = qname, MAX_TTL
@@ -618,26 +643,6 @@ def _follow_chain(qname: str, records: tuple[Record, ...]) -> tuple[tuple[str, .
         if seen is None or ttl > seen.ttl:
             best[record.data] = _address(record.data, 4 if record.rtype == _TYPE_A else 6, ttl)
     return tuple(cnames), tuple(best.values())
-
-
-def _addresses_of(qname: str, records: tuple[Record, ...]) -> tuple[Address, ...]:
-    """``_follow_chain``'s addresses when the answer has no CNAME: those owned by ``qname``."""
-    best: dict[str, Address] = {}
-    for record in records:
-        if record.name != qname:
-            continue
-        ttl = record.ttl
-        if ttl > MAX_TTL:
-            ttl = 0
-        data = record.data
-        seen = best.get(data)
-        if seen is None or ttl > seen.ttl:
-            address = _new(Address)
-            _set_a_ip(address, data)
-            _set_a_family(address, 4 if record.rtype == _TYPE_A else 6)
-            _set_a_ttl(address, ttl)
-            best[data] = address
-    return tuple(best.values())
 
 
 def _effective_ttl(ttl: int) -> int:
