@@ -107,7 +107,7 @@ try:
     if _fast_hosts_match():
         host4_network, host6_network = _host4_fast, _host6_fast
 except Exception:  # noqa: BLE001 - any surprise in ipaddress's internals means: do not use it
-    pass
+    host4_network, host6_network = _host4_slow, _host6_slow
 _FAST_HOSTS = host4_network is _host4_fast
 
 

@@ -126,7 +126,7 @@ class AllowLearner:
         memo = SyncMemo(policy)
         sole, rest = self.cache.sole_holders_keys(endpoint_id, ip_keys)
         for name, held in sole.items():
-            rest += self._sole_entries_locked(policy, endpoint_id, name, held, memo, upserts)
+            rest += self._sole_entries(policy, endpoint_id, name, held, memo, upserts)
         for k in rest:
             entry = self._entry_for_key(policy, endpoint_id, k, memo)
             if entry is None:
@@ -143,7 +143,7 @@ class AllowLearner:
             raise LearnError(f"allow map refused the entries: {error}") from error
         return upserts
 
-    def _sole_entries_locked(self, policy: object, endpoint_id: int, name: str,
+    def _sole_entries(self, policy: object, endpoint_id: int, name: str,
                              held: dict[int, int], memo: SyncMemo,
                              upserts: dict[int, AllowEntry]) -> list[int]:
         """Put in ``upserts`` the entries of IPs ``name`` alone holds (key -> expiry in
@@ -163,6 +163,8 @@ class AllowLearner:
             final = memo.final_alone(ranges)
         except AllowEntryError as error:
             raise LearnError(str(error)) from error
+        if not final:
+            return list(held)
         covered = memo.statics.covered_keys(held)
         trusted = AllowEntry.trusted
         host4, host6 = allowmap.host4_network, allowmap.host6_network

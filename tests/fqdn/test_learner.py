@@ -1,6 +1,6 @@
 """fqdn/learner.py: the learn stage's one-name fast lane writes what ``entry_for`` decides.
 
-``_sync`` computes the entries of IPs one name alone holds per name (``_sole_entries_locked``)
+``_sync`` computes the entries of IPs one name alone holds per name (``_sole_entries``)
 and leaves the rest (several names, static rules covering the IP, names no rule selects,
 restored entries) to ``entry_for``. Whatever the order of answers, every IP learned must have in
 the map exactly the entry ``entry_for`` gives, and ``learn`` must report exactly those.
@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from fqdnproxy.datapath.allowmap import AllowEntry, InMemoryAllowMap
 from fqdnproxy.dns import wire
 from fqdnproxy.exchange import AllowedIp, Client, Decision, Exchange
-from fqdnproxy.fqdn import ipkey, learner as learner_mod
+from fqdnproxy.fqdn import ipkey
+from fqdnproxy.fqdn import learner as learner_mod
 from fqdnproxy.fqdn.cache import RESTORED, CacheLimits, FqdnCache
 from fqdnproxy.fqdn.learner import AllowLearner, LearnSettings
 from fqdnproxy.policy.reload import PolicyStore
@@ -100,9 +101,9 @@ def _response(name: str, addresses: list[tuple[str, int]]) -> wire.Response:
 
 
 def _learner(store: PolicyStore, writer: InMemoryAllowMap, clock: list[int],
-             limits: CacheLimits = CacheLimits()) -> AllowLearner:
+             limits: CacheLimits | None = None) -> AllowLearner:
     policy = store.current.engine.for_endpoint(store.current.registry.by_id(1))
-    return AllowLearner(FqdnCache(limits), writer, lambda _: policy,
+    return AllowLearner(FqdnCache(limits or CacheLimits()), writer, lambda _: policy,
                         LearnSettings(min_ttl=60), clock=lambda: clock[0], wall=lambda: WALL)
 
 
