@@ -35,46 +35,80 @@ class AllowEntryError(FqdnproxyError, ValueError):
 def host_network(version: int, address: int) -> Network:
     """The /32 (``version`` 4) or /128 (6) of the address whose integer value is ``address``.
 
-    Equal in every way to ``ipaddress.ip_network(address)``, at a third of its cost: the learn
-    stage builds one per new IP, and IPv4Network.__init__ spends about a microsecond splitting
-    and checking a prefix that a host's address cannot get wrong. When this Python's ipaddress
-    builds its networks differently (checked once, at import), the constructor is used.
+    Equal in every way to ``ipaddress.ip_network(address)``, at a fraction of its cost: the
+    learn stage builds one per new IP, and IPv4Network.__init__ spends about a microsecond
+    splitting and checking a prefix that a host's address cannot get wrong.
     """
-    if _FAST_HOSTS:
-        cls, address_cls, mask = _HOSTS[version]
-        network = _new(cls)
-        fields = network.__dict__
-        fields["network_address"] = address_cls(address)
-        fields["netmask"] = mask
-        fields["_prefixlen"] = mask.max_prefixlen
-        fields["hosts"] = lambda: [address_cls(address)]  # what __init__ sets for a host prefix
-        return network
-    return (ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network)(address)
+    return host4_network(address) if version == 4 else host6_network(address)
+
+
+def _host4_fast(address: int) -> ipaddress.IPv4Network:
+    """``host_network(4, address)``: ``address`` is an int in [0, 2**32), unchecked."""
+    ip = _new(_V4_ADDRESS)
+    _set_v4_ip(ip, address)
+    network = _new(_V4_NETWORK)
+    # What IPv4Network.__init__ leaves in the instance dict for a host prefix, hosts included.
+    network.__dict__ = {"network_address": ip, "netmask": _V4_HOST_MASK, "_prefixlen": 32,
+                        "hosts": lambda: [_V4_ADDRESS(address)]}
+    return network
+
+
+def _host6_fast(address: int) -> ipaddress.IPv6Network:
+    """``host_network(6, address)``: ``address`` is an int in [0, 2**128), unchecked."""
+    ip = _new(_V6_ADDRESS)
+    _set_v6_ip(ip, address)
+    _set_v6_scope(ip, None)
+    network = _new(_V6_NETWORK)
+    network.__dict__ = {"network_address": ip, "netmask": _V6_HOST_MASK, "_prefixlen": 128,
+                        "hosts": lambda: [_V6_ADDRESS(address)]}
+    return network
+
+
+def _host4_slow(address: int) -> ipaddress.IPv4Network:
+    return ipaddress.IPv4Network(address)
+
+
+def _host6_slow(address: int) -> ipaddress.IPv6Network:
+    return ipaddress.IPv6Network(address)
 
 
 def _fast_hosts_match() -> bool:
-    """Whether ``host_network``'s shortcut builds what ipaddress's constructors build."""
-    for version, sample in ((4, 0xC0000207), (6, 0x20010DB8 << 96 | 7)):
-        made = host_network(version, sample)
-        real = ipaddress.ip_network(ipaddress.ip_address(sample) if version == 6 else
-                                    ipaddress.IPv4Address(sample))
+    """Whether the shortcuts build what ipaddress's constructors build (checked at import)."""
+    for fast, real_cls, address_cls, sample in (
+            (_host4_fast, ipaddress.IPv4Network, ipaddress.IPv4Address, 0xC0000207),
+            (_host6_fast, ipaddress.IPv6Network, ipaddress.IPv6Address, 0x20010DB8 << 96 | 7)):
+        made = fast(sample)
+        real = real_cls(sample)
+        made_ip, real_ip = made.network_address, real.network_address
         if (made != real or hash(made) != hash(real) or made.__dict__.keys() != real.__dict__.keys()
                 or str(made) != str(real) or list(made.hosts()) != list(real.hosts())
-                or made.prefixlen != real.prefixlen):
+                or made.prefixlen != real.prefixlen or made.netmask != real.netmask
+                or made_ip != real_ip or hash(made_ip) != hash(real_ip)
+                or type(made_ip) is not address_cls or str(made_ip) != str(real_ip)
+                or made_ip.packed != real_ip.packed
+                or getattr(made_ip, "__dict__", None) != getattr(real_ip, "__dict__", None)
+                or any(getattr(made_ip, slot, None) != getattr(real_ip, slot, None)
+                       for slot in address_cls.__slots__ if slot != "__weakref__")):
             return False
     return True
 
 
 _new = object.__new__
-_HOSTS = {4: (ipaddress.IPv4Network, ipaddress.IPv4Address,
-              ipaddress.IPv4Network("0.0.0.0/32").netmask),
-          6: (ipaddress.IPv6Network, ipaddress.IPv6Address,
-              ipaddress.IPv6Network("::/128").netmask)}
-_FAST_HOSTS = True
+_V4_ADDRESS, _V6_ADDRESS = ipaddress.IPv4Address, ipaddress.IPv6Address
+_V4_NETWORK, _V6_NETWORK = ipaddress.IPv4Network, ipaddress.IPv6Network
+host4_network = _host4_slow
+host6_network = _host6_slow
 try:
-    _FAST_HOSTS = _fast_hosts_match()
+    _V4_HOST_MASK = ipaddress.IPv4Network("0.0.0.0/32").netmask
+    _V6_HOST_MASK = ipaddress.IPv6Network("::/128").netmask
+    _set_v4_ip = _V4_ADDRESS.__dict__["_ip"].__set__
+    _set_v6_ip = _V6_ADDRESS.__dict__["_ip"].__set__
+    _set_v6_scope = _V6_ADDRESS.__dict__["_scope_id"].__set__
+    if _fast_hosts_match():
+        host4_network, host6_network = _host4_fast, _host6_fast
 except Exception:  # noqa: BLE001 - any surprise in ipaddress's internals means: do not use it
-    _FAST_HOSTS = False
+    host4_network, host6_network = _host4_slow, _host6_slow
+_FAST_HOSTS = host4_network is _host4_fast
 
 
 def kernel_now_ns() -> int:

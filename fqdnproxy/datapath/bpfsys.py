@@ -132,8 +132,12 @@ def next_key(fd: int, key: ctypes._CData | None, out: ctypes._CData) -> bool:
     return True
 
 
-def update_batch(fd: int, keys: ctypes.Array, values: ctypes.Array, count: int) -> None:
+def update_batch(fd: int, keys: ctypes.Array | bytes, values: ctypes.Array | bytes,
+                 count: int) -> None:
     """BPF_MAP_UPDATE_BATCH of the first ``count`` keys and values.
+
+    ``bytes`` are passed as they are (ctypes hands C a pointer to their buffer, no copy): the
+    kernel only reads the keys and values of an update.
 
     Raises:
         BpfError: errno EINVAL or ENOTSUPP (524) when the map type has no batch update.

@@ -107,35 +107,60 @@ def size_differences(pin_dir: Path, wanted: dict[str, int]) -> list[tuple[str, i
     return out
 
 
-# The learn stage writes every new IP through these, so they pack with precompiled structs and
-# pack each distinct port set once per batch (the entries of one answer share one).
-_EXACT_KEY = struct.Struct("<I12s4s")  # endpoint id, then ::ffff: and the IPv4 address
-_EXACT_KEY6 = struct.Struct("<I16s")
+# The learn stage writes every new IP through this, so it packs with precompiled structs, packs
+# each distinct value once (the entries of one answer share their expiry and port set) and hands
+# the bytes to the kernel as they are.
+_EXACT_HEAD = struct.Struct("<I")  # endpoint id; the 16 address bytes follow
 _VALUE_HEAD = struct.Struct("<QII")  # expiry, number of ranges, pad
 _RANGE = struct.Struct("<HHB3x")  # first, last, protocol
 _RANGES_SIZE = _RANGE.size * maps.MAX_PORT_RANGES
+_EXACT_KEY_SIZE = ctypes.sizeof(maps.ExactKey)
+_VALUE_SIZE = ctypes.sizeof(maps.AllowValue)
 
 
-def _pack_values(entries: Sequence[AllowEntry]) -> bytes:
-    packed_ports: dict[int, bytes] = {}  # id(ports) -> ranges packed and padded
-    head = _VALUE_HEAD.pack
-    out = []
+def _pack_value(entry: AllowEntry) -> bytes:
+    """``bytes(maps.encode_value(entry))``, with structs."""
+    ports = entry.ports
+    ranges = b"".join([_RANGE.pack(r.first, r.last, r.protocol) for r in ports])
+    return _VALUE_HEAD.pack(entry.expiry_ns, len(ports), 0) + ranges.ljust(_RANGES_SIZE, b"\x00")
+
+
+def _pack_exact(entries: Sequence[AllowEntry]) -> tuple[bytes, bytes, list[AllowEntry]]:
+    """(keys, values) of the /32 and /128 among ``entries``, packed for ``allow_exact`` in
+    order, and the other entries (prefixes, for the trie).
+
+    The keys and values are what ``maps.encode_key`` and ``maps.encode_value`` give.
+    """
+    keys: list[bytes] = []
+    values: list[bytes] = []
+    trie: list[AllowEntry] = []
+    heads: dict[int, tuple[bytes, bytes]] = {}  # endpoint id -> (its v4 key head, its v6 head)
+    last_id = -1
+    head4 = head6 = b""
+    last_expiry = -1
+    last_ports: object = None
+    value = b""
+    v4_address = ipaddress.IPv4Address
     for e in entries:
-        ports = e.ports
-        ranges = packed_ports.get(id(ports))
-        if ranges is None:
-            ranges = b"".join(_RANGE.pack(r.first, r.last, r.protocol) for r in ports)
-            ranges = packed_ports[id(ports)] = ranges.ljust(_RANGES_SIZE, b"\x00")
-        out.append(head(e.expiry_ns, len(ports), 0))
-        out.append(ranges)
-    return b"".join(out)
-
-
-def _pack_exact_keys(entries: Sequence[AllowEntry]) -> bytes:
-    v4, v6 = _EXACT_KEY.pack, _EXACT_KEY6.pack
-    return b"".join(
-        v4(e.endpoint_id, maps.V4_MAPPED, packed) if len(packed) == 4 else v6(e.endpoint_id, packed)
-        for e in entries for packed in (e.network.network_address.packed,))
+        net = e.network
+        address = net.network_address
+        v4 = type(address) is v4_address
+        if net.prefixlen != (32 if v4 else 128):
+            trie.append(e)
+            continue
+        if e.endpoint_id != last_id:
+            last_id = e.endpoint_id
+            found = heads.get(last_id)
+            if found is None:
+                head6 = _EXACT_HEAD.pack(last_id)
+                found = heads[last_id] = (head6 + maps.V4_MAPPED, head6)
+            head4, head6 = found
+        keys.append((head4 if v4 else head6) + address.packed)
+        if e.expiry_ns != last_expiry or e.ports is not last_ports:
+            last_expiry, last_ports = e.expiry_ns, e.ports
+            value = _pack_value(e)
+        values.append(value)
+    return b"".join(keys), b"".join(values), trie
 
 
 class PinnedMaps:
@@ -297,15 +322,16 @@ class PinnedMaps:
         One BPF_MAP_UPDATE_BATCH per ``BATCH`` entries. Each (endpoint, prefix) holds one entry:
         callers merge the ports of rules for the same prefix (DESIGN.md, merge rule).
         """
-        exact = []
-        trie = []
-        for e in entries:
-            (exact if e.exact else trie).append(e)
-        for start in range(0, len(exact), BATCH):
-            chunk = exact[start:start + BATCH]
-            keys = ctypes.create_string_buffer(_pack_exact_keys(chunk), len(chunk) * 20)
-            values = ctypes.create_string_buffer(_pack_values(chunk), len(chunk) * 80)
-            bpfsys.update_batch(self._fds["allow_exact"], keys, values, len(chunk))
+        keys, values, trie = _pack_exact(entries)
+        exact = len(keys) // _EXACT_KEY_SIZE
+        for start in range(0, exact, BATCH):
+            count = min(BATCH, exact - start)
+            if count == exact:  # one batch, the learn stage's case: no copies
+                chunk_keys, chunk_values = keys, values
+            else:
+                chunk_keys = keys[start * _EXACT_KEY_SIZE:(start + count) * _EXACT_KEY_SIZE]
+                chunk_values = values[start * _VALUE_SIZE:(start + count) * _VALUE_SIZE]
+            bpfsys.update_batch(self._fds["allow_exact"], chunk_keys, chunk_values, count)
         for entry in trie:  # CIDR rules: few, and the trie's batch support varies by kernel
             bpfsys.update(self._fds["allow"], maps.encode_key(entry.key), maps.encode_value(entry))
 

@@ -52,6 +52,10 @@ _RCODE_MASK: Final = 0x000F
 _HEADER = struct.Struct("!6H")
 _QUESTION_FIXED = struct.Struct("!HH")
 _RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
+# A record whose owner is one compression pointer: the pointer, the fixed fields, and the first
+# four bytes of its data (an A record's address).
+_RR_POINTED = struct.Struct("!HHHIH4B")
+_DECIMAL: Final = tuple(str(b) for b in range(256))  # an IPv4 address's bytes, as inet_ntop writes
 
 # Bytes a label shows as themselves; "." and "\" are escaped, the rest become \DDD.
 _PLAIN: Final = bytes(b for b in range(0x21, 0x7F) if b not in (0x2E, 0x5C))
@@ -312,16 +316,6 @@ def response_with_header(response: Response, header: Header) -> Response:
     return new
 
 
-def _record(name: str, rtype: int, ttl: int, data: str) -> Record:
-    """Build a Record quickly (see above)."""
-    record = _new(Record)
-    _set_r_name(record, name)
-    _set_r_type(record, rtype)
-    _set_r_ttl(record, ttl)
-    _set_r_data(record, data)
-    return record
-
-
 def _address(ip: str, family: int, ttl: int) -> Address:
     """Build an Address quickly (see above)."""
     address = _new(Address)
@@ -493,44 +487,100 @@ def parse_response(data: bytes) -> Response:
             raise BadQuestionCount(f"response with {header.qdcount} questions", offset=4)
         cur = _Cursor(data, HEADER_SIZE, len(data))
         question = _read_question(cur) if header.qdcount else None
-        records = _read_answers(cur, header.ancount, question.name if question else None)
+        records, direct = _read_answers(cur, header.ancount, question.name if question else None)
     except WireError:
         raise
     except _STRAY as exc:
         raise _stray(exc) from exc
     if question is None:
-        return Response(header, None, records, (), ())
-    cnames, addresses = _follow_chain(question.name, records)
-    return Response(header, question, records, cnames, addresses)
+        cnames, addresses = (), ()
+    elif direct is not None:  # no CNAME: the chain is the question name alone
+        cnames, addresses = (), tuple(direct.values())
+    else:
+        cnames, addresses = _follow_chain(question.name, records)
+    response = _new(Response)
+    _set_resp_header(response, header)
+    _set_resp_question(response, question)
+    _set_resp_records(response, records)
+    _set_resp_cnames(response, cnames)
+    _set_resp_addresses(response, addresses)
+    return response
 
 
-def _read_answers(cur: _Cursor, count: int, qname: str | None) -> tuple[Record, ...]:
-    """Read ``count`` records at the cursor, keeping class IN A, AAAA and CNAME records."""
+def _read_answers(cur: _Cursor, count: int, qname: str | None
+                  ) -> tuple[tuple[Record, ...], dict[str, Address] | None]:
+    """Read ``count`` records at the cursor, keeping class IN A, AAAA and CNAME records.
+
+    Returns the records and, when none is a CNAME, the addresses ``_follow_chain`` would give
+    (those of ``qname``'s records, by address, each with its largest TTL), gathered on the way;
+    None when there is a CNAME and the chain must be followed.
+    """
     data = cur.data
+    end = cur.end
     # Owner names are nearly always one pointer to the question name (c0 0c) or to an earlier
     # owner: decode each pointer target once. Reading a name from offset T, with pointers bound
     # to land before T, gives the same result whoever points at T. Bounded by the message.
     by_target: dict[int, str] = {HEADER_SIZE: qname} if qname is not None else {}
     records: list[Record] = []
+    direct: dict[str, Address] | None = {}  # address -> Address, while no CNAME is seen
+    unpack_pointed = _RR_POINTED.unpack_from
+    pointed_size = _RR_POINTED.size
     for _ in range(count):
-        owner_at = cur.pos
-        _skip_name(cur)
-        bare_pointer = cur.pos - owner_at == 2 and data[owner_at] >= 0xC0
-        rtype, rclass, ttl, rdlength = _RR_FIXED.unpack_from(data, cur.take(10))
-        rdata_at = cur.take(rdlength)
-        if rtype not in _KEPT_TYPES or rclass != CLASS_IN:
-            continue
-        target = ((data[owner_at] & 0x3F) << 8) | data[owner_at + 1] if bare_pointer else -1
+        owner_at = pos = cur.pos
+        if pos + pointed_size <= end and data[pos] >= 0xC0:
+            # The common record: its owner one pointer, then the fixed fields and, for an A
+            # record, the address, all read by one unpack (the bytes past a shorter record's
+            # data are read but not used).
+            pointer, rtype, rclass, ttl, rdlength, b0, b1, b2, b3 = unpack_pointed(data, pos)
+            rdata_at = pos + 12
+            cur.pos = rdata_at + rdlength
+            if cur.pos > end:
+                cur.pos = rdata_at
+                cur.take(rdlength)  # raises ShortMessage, as everywhere else
+            if rclass != CLASS_IN or rtype not in _KEPT_TYPES:
+                continue
+            target = pointer & 0x3FFF
+        else:
+            _skip_name(cur)
+            bare_pointer = cur.pos - owner_at == 2 and data[owner_at] >= 0xC0
+            rtype, rclass, ttl, rdlength = _RR_FIXED.unpack_from(data, cur.take(10))
+            rdata_at = cur.take(rdlength)
+            if rtype not in _KEPT_TYPES or rclass != CLASS_IN:
+                continue
+            target = ((data[owner_at] & 0x3F) << 8) | data[owner_at + 1] if bare_pointer else -1
+            if rtype == _TYPE_A and rdlength == 4:
+                b0, b1, b2, b3 = data[rdata_at:rdata_at + 4]
         owner = by_target.get(target) if 0 <= target < owner_at else None
         if owner is None:
             owner = _read_name(_Cursor(data, owner_at, len(data)))
             if target >= 0:
                 by_target[target] = owner
-        text = _rdata_text(data, rtype, rdata_at, rdlength)
-        if rtype == _TYPE_CNAME:
-            by_target[rdata_at] = text  # the next owner on the chain usually points here
-        records.append(_record(owner, rtype, ttl, text))
-    return tuple(records)
+        if rtype == _TYPE_A:
+            if rdlength != 4:
+                raise BadRdata(f"A record with {rdlength} bytes of data", offset=rdata_at)
+            text = f"{_DECIMAL[b0]}.{_DECIMAL[b1]}.{_DECIMAL[b2]}.{_DECIMAL[b3]}"
+        else:
+            text = _rdata_text(data, rtype, rdata_at, rdlength)
+            if rtype == _TYPE_CNAME:
+                by_target[rdata_at] = text  # the next owner on the chain usually points here
+                direct = None
+        record = _new(Record)
+        _set_r_name(record, owner)
+        _set_r_type(record, rtype)
+        _set_r_ttl(record, ttl)
+        _set_r_data(record, text)
+        records.append(record)
+        if direct is not None and owner == qname:
+            if ttl > MAX_TTL:
+                ttl = 0  # RFC 2181 §8, as _effective_ttl
+            seen = direct.get(text)
+            if seen is None or ttl > seen.ttl:
+                address = _new(Address)
+                _set_a_ip(address, text)
+                _set_a_family(address, 4 if rtype == _TYPE_A else 6)
+                _set_a_ttl(address, ttl)
+                direct[text] = address
+    return tuple(records), direct
 
 
 def _rdata_text(data: bytes, rtype: int, at: int, length: int) -> str:

@@ -83,11 +83,17 @@ class AllowLearner:
         floor = self.settings.min_ttl
         endpoint_id = decision.endpoint.id
         addresses = response.addresses
-        keys = [ipkey.key(a.ip) for a in addresses]  # each IP's text is read once, here
-        touched = self.cache.learn_keys(
-            endpoint_id, exchange.query.question.name,
-            [(k, now + max(a.ttl, floor) * NS) for k, a in zip(keys, addresses)],
-            now, self.settings.ttl_headroom)
+        keys = ipkey.keys([a.ip for a in addresses])  # each IP's text is read once, here
+        expiries: dict[int, int] = {}  # TTL -> expiry: an answer's addresses mostly share one
+        learned = []
+        for k, a in zip(keys, addresses):
+            ttl = a.ttl
+            expiry = expiries.get(ttl)
+            if expiry is None:
+                expiry = expiries[ttl] = now + max(ttl, floor) * NS
+            learned.append((k, expiry))
+        touched = self.cache.learn_keys(endpoint_id, exchange.query.question.name, learned,
+                                        now, self.settings.ttl_headroom)
         if not decision.policy.enforced or not touched:
             return ()
         # The answer's own IPs never need a delete: had no rule selected them before, nothing
@@ -96,18 +102,7 @@ class AllowLearner:
         written = self._sync(decision.policy, endpoint_id, touched & answered, delete=False)
         if touched - answered:
             self._sync(decision.policy, endpoint_id, touched - answered)
-        wall_offset = self._wall() - now / NS
-        described: dict[int, str] = {}  # id(ports) -> text: the entries of one answer share them
-        allowed_ips = []
-        for k, a in zip(keys, addresses):
-            entry = written.get(k)
-            if entry is not None:
-                ports = entry.ports
-                text = described.get(id(ports))
-                if text is None:
-                    text = described[id(ports)] = describe_ports(ports)
-                allowed_ips.append(AllowedIp(a.ip, entry.expiry_ns / NS + wall_offset, text))
-        return tuple(allowed_ips)
+        return _allowed_ips(keys, addresses, written, self._wall() - now / NS)
 
     def sync(self, policy: object, endpoint_id: int, ips: Iterable[str],
              delete: bool = True) -> dict[str, AllowEntry]:
@@ -129,7 +124,10 @@ class AllowLearner:
         upserts: dict[int, AllowEntry] = {}
         deletes: list[AllowKey] = []
         memo = SyncMemo(policy)
-        for k in ip_keys:
+        sole, rest = self.cache.sole_holders_keys(endpoint_id, ip_keys)
+        for name, held in sole.items():
+            rest += self._sole_entries(policy, endpoint_id, name, held, memo, upserts)
+        for k in rest:
             entry = self._entry_for_key(policy, endpoint_id, k, memo)
             if entry is None:
                 if delete:
@@ -144,6 +142,39 @@ class AllowLearner:
         except (OSError, FqdnproxyError) as error:
             raise LearnError(f"allow map refused the entries: {error}") from error
         return upserts
+
+    def _sole_entries(self, policy: object, endpoint_id: int, name: str,
+                             held: dict[int, int], memo: SyncMemo,
+                             upserts: dict[int, AllowEntry]) -> list[int]:
+        """Put in ``upserts`` the entries of IPs ``name`` alone holds (key -> expiry in
+        ``held``); return the keys this cannot decide, for ``_entry_for_key``.
+
+        ``_entry_for_key`` for the learn stage's common case, one answer's new IPs, without its
+        per-IP work: one name holds the IP, so its ranges and expiry are the name's, unless a
+        static rule covers the IP (then the merge needs ``cover``) or the name is selected by
+        no rule (then restored ports or deletion decide). Tests check the two agree.
+        """
+        if name == RESTORED:
+            return list(held)
+        ranges = memo.ranges(name)
+        if not ranges:
+            return list(held)
+        try:
+            final = memo.final_alone(ranges)
+        except AllowEntryError as error:
+            raise LearnError(str(error)) from error
+        if not final:
+            return list(held)
+        covered = memo.statics.covered_keys(held)
+        trusted = AllowEntry.trusted
+        host4, host6 = allowmap.host4_network, allowmap.host6_network
+        v6 = ipkey.V6
+        for k, expiry in held.items():
+            if covered and k in covered:
+                continue
+            network = host4(k) if k < v6 else host6(k - v6)
+            upserts[k] = trusted(endpoint_id, network, expiry, final)
+        return list(covered)
 
     def keep_restored(self, entry: AllowEntry) -> None:
         """Remember the ports of a map entry restored at start without a name."""
@@ -177,11 +208,7 @@ class AllowLearner:
             if name == RESTORED:
                 ranges = self._restored.get((endpoint_id, ip_key), ())
             else:
-                ranges = memo.selected.get(name)  # type: ignore[assignment]
-                if ranges is None:
-                    selected = policy.select(name)  # type: ignore[attr-defined]
-                    ranges = memo.selected[name] = (
-                        _policy_ranges(selected) if selected is not None else ())
+                ranges = memo.ranges(name)
             if ranges:
                 allowed += ranges
                 learned = True
@@ -195,11 +222,8 @@ class AllowLearner:
             return None
         try:
             if len(holders) == 1 and not static_allowed and not denied:
-                # The common case, one name and no static rule: its ranges, merged once per sync.
-                alone = memo.alone.get(id(allowed))
-                if alone is None:
-                    alone = memo.alone[id(allowed)] = (allowed, _final_ranges(allowed, ()))
-                ranges = alone[1]
+                # One name and no static rule: its ranges, merged once per sync.
+                ranges = memo.final_alone(allowed)
             else:
                 ranges = _final_ranges(allowed + static_allowed, denied)
         except AllowEntryError as error:
@@ -268,18 +292,87 @@ class AllowLearner:
             return 0  # expired entries are harmless: the kernel checks expiry itself
 
 
+def _allowed_ips(keys: list[int], addresses: tuple[wire.Address, ...],
+                 written: dict[int, AllowEntry], wall_offset: float) -> tuple[AllowedIp, ...]:
+    """What ``learn`` returns: the answer's addresses that have an entry, in answer order."""
+    allowed_ips = []
+    last_ports: object = None
+    last_expiry = -1
+    text = ""
+    when = 0.0
+    get = written.get
+    for k, a in zip(keys, addresses):
+        entry = get(k)
+        if entry is None:
+            continue
+        ports = entry.ports
+        expiry_ns = entry.expiry_ns
+        if ports is not last_ports or expiry_ns != last_expiry:  # an answer's entries share them
+            if ports is not last_ports:
+                text = describe_ports(ports)
+            last_ports, last_expiry = ports, expiry_ns
+            when = expiry_ns / NS + wall_offset
+        # AllowedIp(a.ip, when, text), built as wire.py builds its records (see below)
+        allowed = _new(AllowedIp)
+        _set_allowed_ip(allowed, a.ip)
+        _set_allowed_expires(allowed, when)
+        _set_allowed_ports(allowed, text)
+        allowed_ips.append(allowed)
+    return tuple(allowed_ips)
+
+
+# AllowedIp is a frozen dataclass: its __init__ stores each field through object.__setattr__.
+# One per learned IP is built through the slot descriptors instead, as wire.py builds its
+# records (equal objects; tests/fqdn/test_learner.py checks).
+_set_allowed_ip, _set_allowed_expires, _set_allowed_ports = (
+    AllowedIp.__dict__[name].__set__ for name in ("ip", "expires", "ports"))
+
+
+def _allowed_ip(ip: str, expires: float, ports: str) -> AllowedIp:
+    """``AllowedIp(ip, expires, ports)``, the way ``_allowed_ips`` builds it."""
+    allowed = _new(AllowedIp)
+    _set_allowed_ip(allowed, ip)
+    _set_allowed_expires(allowed, expires)
+    _set_allowed_ports(allowed, ports)
+    return allowed
+
+
+_new = object.__new__
+
+
 class SyncMemo:
     """What one ``sync`` (of one policy) computes once for all its IPs (one answer's, mostly)."""
 
-    __slots__ = ("alone", "selected", "statics")
+    __slots__ = ("alone", "policy", "selected", "statics")
 
     def __init__(self, policy: object) -> None:
+        self.policy = policy
         self.statics = _static_index(policy)
         self.selected: dict[str, tuple[PortRange, ...]] = {}  # name -> ranges select(name) gives
         # id(ranges of one name) -> (those ranges, merged). By identity: hashing a tuple of
         # PortRange calls each one's __hash__ in Python, a microsecond per IP for nothing, and
         # one name's ranges are one object for the whole sync (kept alive here).
         self.alone: dict[int, tuple[tuple[PortRange, ...], tuple[PortRange, ...]]] = {}
+
+    def ranges(self, name: str) -> tuple[PortRange, ...]:
+        """The ranges the policy's selectors give ``name`` (empty: no selector selects it)."""
+        ranges = self.selected.get(name)
+        if ranges is None:
+            selected = self.policy.select(name)  # type: ignore[attr-defined]
+            ranges = self.selected[name] = (
+                _policy_ranges(selected) if selected is not None else ())
+        return ranges
+
+    def final_alone(self, ranges: tuple[PortRange, ...]) -> tuple[PortRange, ...]:
+        """``ranges`` of one name with no static rule, merged (once per sync).
+
+        Raises:
+            AllowEntryError: more ranges than the datapath holds.
+        """
+        alone = self.alone.get(id(ranges))
+        if alone is None:
+            alone = self.alone[id(ranges)] = (ranges, _final_ranges(ranges, ()))
+        return alone[1]
 
 
 def _network(ip_key: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

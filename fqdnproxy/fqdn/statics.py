@@ -13,9 +13,10 @@ Pure: addresses are integers (``int.from_bytes`` of the packed address), no kern
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from fqdnproxy.datapath.allowmap import PortRange
+from fqdnproxy.fqdn.ipkey import V6
 
 Ranges = tuple[PortRange, ...]
 BITS = {4: 32, 6: 128}
@@ -48,6 +49,24 @@ class StaticIndex:
                     self._excepts[network.version].setdefault(slot, []).append(_prefix(network))
         # family -> [(shift, leading bits -> rule slots)], longest prefixes first
         self._tables = {family: sorted(by_shift.items()) for family, by_shift in tables.items()}
+
+    def covered_keys(self, ip_keys: Iterable[int]) -> set[int]:
+        """Those of ``ip_keys`` (``ipkey`` keys) that some rule, allow or deny, covers.
+
+        Excepts are not applied: a key returned may in the end be covered by nothing, so this
+        is for sorting out the keys that need ``cover`` from those that certainly do not. One
+        set comprehension per distinct prefix length of each family with rules; nothing for a
+        family without rules.
+        """
+        covered: set[int] = set()
+        v4, v6 = self._tables[4], self._tables[6]
+        if v4:
+            for shift, table in v4:
+                covered.update([k for k in ip_keys if k < V6 and k >> shift in table])
+        if v6:
+            for shift, table in v6:
+                covered.update([k for k in ip_keys if k >= V6 and (k - V6) >> shift in table])
+        return covered
 
     def cover(self, family: int, address: int) -> tuple[Ranges, Ranges, bool]:
         """(ranges the allows covering ``address`` add, ranges its denies take away, whether a

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import ipaddress
+import pickle
 
 import pytest
 
@@ -100,8 +102,13 @@ def test_batch_packing_agrees_with_the_codecs() -> None:
     shared = (PortRange(6, 443, 443), PortRange(17, 53, 53))
     entries = [AllowEntry(1, "192.0.2.7/32", 10, shared), AllowEntry(2, "2001:db8::7/128", 0),
                AllowEntry(2**32 - 1, "198.51.100.1/32", 2**63, shared)]
-    assert pinned._pack_exact_keys(entries) == b"".join(bytes(maps.encode_key(e.key)) for e in entries)
-    assert pinned._pack_values(entries) == b"".join(bytes(maps.encode_value(e)) for e in entries)
+    prefixes = [AllowEntry(1, "192.0.2.0/24", 0, shared), AllowEntry(2, "2001:db8::/64", 5)]
+    mixed = [prefixes[0], *entries[:2], prefixes[1], entries[2], entries[0]]
+    keys, values, trie = pinned._pack_exact(mixed)
+    exact = [e for e in mixed if e.exact]
+    assert keys == b"".join(bytes(maps.encode_key(e.key)) for e in exact)
+    assert values == b"".join(bytes(maps.encode_value(e)) for e in exact)
+    assert trie == prefixes
 
 
 @pytest.mark.parametrize("address", ["0.0.0.0", "192.0.2.7", "255.255.255.255", "::",
@@ -115,3 +122,10 @@ def test_host_network_is_what_ip_network_builds(address: str) -> None:
     assert (str(made), repr(made), made.prefixlen, made.netmask, made.broadcast_address) == (
         str(real), repr(real), real.prefixlen, real.netmask, real.broadcast_address)
     assert list(made.hosts()) == list(real.hosts()) and made.__dict__.keys() == real.__dict__.keys()
+    made_ip, real_ip = made.network_address, real.network_address
+    assert made_ip == real_ip and hash(made_ip) == hash(real_ip) and type(made_ip) is type(real_ip)
+    assert (str(made_ip), repr(made_ip), made_ip.packed, int(made_ip)) == (
+        str(real_ip), repr(real_ip), real_ip.packed, int(real_ip))
+    assert pickle.loads(pickle.dumps(made)) == real and copy.deepcopy(made) == real
+    if ip.version == 6:
+        assert made_ip.scope_id is None and made_ip.ipv4_mapped == real_ip.ipv4_mapped

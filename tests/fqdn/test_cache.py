@@ -137,3 +137,19 @@ def test_the_ips_of_one_answer_share_one_expiry_object() -> None:
                 headroom=0.1)
     values = list(cache._endpoints[1].names["a.test."].values())
     assert values == [110 * S] * 3 and len({id(v) for v in values}) == 1
+
+
+def test_sole_holders_split_one_name_ips_from_shared_and_unknown_ones() -> None:
+    from fqdnproxy.fqdn import ipkey
+
+    cache = FqdnCache()
+    cache.learn(1, "a.test.", [("192.0.2.1", 10 * S), ("192.0.2.2", 20 * S), ("2001:db8::1", 5 * S)])
+    cache.learn(1, "b.test.", [("192.0.2.2", 30 * S), ("192.0.2.3", 40 * S)])
+    keys = [ipkey.key(ip) for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3", "2001:db8::1", "192.0.2.9")]
+    sole, rest = cache.sole_holders_keys(1, keys)
+    assert sole == {"a.test.": {keys[0]: 10 * S, keys[3]: 5 * S}, "b.test.": {keys[2]: 40 * S}}
+    assert rest == [keys[1], keys[4]]  # two names; none
+    for name, held in sole.items():
+        for k, expiry in held.items():
+            assert cache.holders_of_key(1, k) == {name: expiry}
+    assert cache.sole_holders_keys(2, keys) == ({}, keys)  # an endpoint that learned nothing

@@ -65,3 +65,23 @@ def test_cover_agrees_with_the_rules(address: str) -> None:
 def test_no_rules_for_a_family_costs_nothing() -> None:
     index = StaticIndex((_rule(["192.0.2.0/24"], "TCP/443"),), (), portmath.from_policy)
     assert index.cover(6, int(ipaddress.ip_address("2001:db8::1"))) == ((), (), False)
+
+
+def test_covered_keys_holds_every_address_a_rule_covers() -> None:
+    """Sound for the learn stage's fast lane: a key left out is covered by no rule at all."""
+    from fqdnproxy.fqdn import ipkey
+
+    index = StaticIndex(ALLOWS, DENIES, portmath.from_policy)
+    addresses = ["192.0.2.1", "192.0.2.7", "192.0.2.20", "192.0.2.130", "192.0.2.200",
+                 "198.51.100.1", "0.0.0.0", "2001:db8::7", "2001:db8:1::1", "2001:db9::1", "::",
+                 "::ffff:192.0.2.7"]
+    keys = {ipkey.key(a): a for a in addresses}
+    covered = index.covered_keys(keys)
+    for k, address in keys.items():
+        if index.cover(*ipkey.split(k)) != ((), (), False):
+            assert k in covered, address
+    narrow = StaticIndex((_rule(["192.0.2.0/25"], "TCP/80"),), (_rule(["2001:db8::/32"], "TCP/80"),),
+                         portmath.from_policy)
+    assert {keys[k] for k in narrow.covered_keys(keys)} == {
+        "192.0.2.1", "192.0.2.7", "192.0.2.20", "2001:db8::7", "2001:db8:1::1"}
+    assert StaticIndex((), (), portmath.from_policy).covered_keys(keys) == set()
