@@ -9,6 +9,7 @@ on its next miss.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Generic, Hashable, TypeVar
 
@@ -30,7 +31,10 @@ class BoundedMemo(Generic[K, V]):
     """A dict of at most ``capacity`` entries (0: remembers nothing) that counts its lookups."""
 
     capacity: int
-    entries: dict[K, V] = field(default_factory=dict)
+    # Ordered by insertion, oldest first. Not a plain dict: finding a dict's first entry walks
+    # past every slot deleted since its last resize, which a full memo's churn makes long
+    # (1.8-2.7% of the agent's CPU in the learn benchmark); ``popitem(last=False)`` is O(1).
+    entries: OrderedDict[K, V] = field(default_factory=OrderedDict)
     stats: MemoStats = field(default_factory=MemoStats)
 
     def get(self, key: K) -> V | None:
@@ -47,7 +51,7 @@ class BoundedMemo(Generic[K, V]):
         if self.capacity <= 0:
             return
         if len(self.entries) >= self.capacity and key not in self.entries:
-            del self.entries[next(iter(self.entries))]
+            self.entries.popitem(last=False)
             self.stats.evictions += 1
         self.entries[key] = value
 
