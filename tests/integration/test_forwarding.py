@@ -59,7 +59,8 @@ async def make_rig(upstream_host: str = "127.0.0.1", *, timeout: float = 0.5,
     proxy = proxy_mod.Proxy(client, proxy_mod.RoundRobinUpstreams([target]), audit, metrics,
                             proxy_mod.ProxySettings(max_in_flight=max_in_flight))
     server = server_mod.DnsServer([("127.0.0.1", 0), ("::1", 0)], proxy.handle, metrics,
-                                  limits or server_mod.ListenerLimits())
+                                  limits or server_mod.ListenerLimits(),
+                                  receive=proxy.receive)  # UDP as the agent wires it
     await server.start()
     rig = Rig(upstream, proxy, server, client, metrics, audit)
     for protocol, ip, port in server.bound:

@@ -110,7 +110,7 @@ async def make_rig(tmp_path: Path, *, allow_map: InMemoryAllowMap | None = None,
                             metrics, proxy_mod.ProxySettings(deny_rcode=deny_rcode),
                             decider=PolicyDecider(lambda: store.current), learner=learner)
     server = server_mod.DnsServer([("127.0.0.1", 0)], proxy.handle, metrics,
-                                  server_mod.ListenerLimits())
+                                  server_mod.ListenerLimits(), receive=proxy.receive)
     await server.start()
     port = server.bound[0][2]  # the policy names the port the kernel gave the proxy
     (policy_dir / "web.yaml").write_text(policy(port))

@@ -79,7 +79,8 @@ class Rig:
         proxy = proxy_mod.Proxy(self.client, proxy_mod.RoundRobinUpstreams([self.upstream.address]),
                                 self.audit, metrics, decider=decider, learner=learner)
         self.server = server_mod.DnsServer([("127.0.0.1", 0)], proxy.handle, metrics,
-                                           server_mod.ListenerLimits())
+                                           server_mod.ListenerLimits(),
+                                           receive=proxy.receive)
         await self.server.start()
         self.address = ("127.0.0.1", self.server.bound[0][2])
         (policies / "web.yaml").write_text(policy(self.address[1]))
