@@ -380,7 +380,8 @@ class Agent:
         self.metrics.watch_cache(self.cache, learner_mod.memo_sizes)
         writer: AllowMapWriter = self.datapath if self.datapath is not None else NullAllowMap()
         return AllowLearner(self.cache, _TimedWriter(writer, self.metrics), self._policy_for,
-                            LearnSettings(min_ttl=cfg.min_ttl, ttl_headroom=cfg.ttl_headroom))
+                            LearnSettings(min_ttl=cfg.min_ttl, ttl_headroom=cfg.ttl_headroom,
+                                          report_allowed=bool(self.config.audit.path)))
 
     def _restore(self) -> None:
         """Snapshot first (names), then whatever the pinned map holds beyond it (restored)."""

@@ -178,3 +178,22 @@ def test_allowed_ip_fast_builder_equals_the_constructor() -> None:
     made = learner_mod._allowed_ip("192.0.2.1", 1.5, "tcp/443")
     assert made == AllowedIp("192.0.2.1", 1.5, "tcp/443") and type(made) is AllowedIp
     assert hash(made) == hash(AllowedIp("192.0.2.1", 1.5, "tcp/443"))
+
+
+def test_without_an_audit_log_learn_writes_the_same_entries_and_reports_none(
+        store: PolicyStore) -> None:
+    answers = [("x.a.test.", [(ip, 300) for ip in POOL]), ("b.a.test.", [(POOL[0], 3600)])]
+    maps = []
+    for report in (True, False):
+        writer = InMemoryAllowMap()
+        policy = store.current.engine.for_endpoint(store.current.registry.by_id(1))
+        learner = AllowLearner(FqdnCache(CacheLimits()), writer, lambda _: policy,
+                               LearnSettings(min_ttl=60, report_allowed=report),
+                               clock=lambda: NOW, wall=lambda: WALL)
+        reported = [learner.learn(_exchange(store, name), _response(name, addresses))
+                    for name, addresses in answers]
+        assert all(reported) if report else reported == [(), ()]
+        maps.append({ip: writer.lookup(AllowEntry(1, ipaddress.ip_network(ip)).key)
+                     for ip in POOL})
+    assert maps[0] == maps[1]
+    assert any(entry is not None for entry in maps[1].values())
