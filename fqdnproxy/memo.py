@@ -55,6 +55,10 @@ class BoundedMemo(Generic[K, V]):
             self.stats.evictions += 1
         self.entries[key] = value
 
+    def discard(self, key: K) -> None:
+        """Forget ``key`` if remembered (not an eviction: nothing is counted)."""
+        self.entries.pop(key, None)
+
     def clear(self) -> None:
         """Forget every entry (the counts stay: they are totals)."""
         self.entries.clear()

@@ -12,6 +12,14 @@ Nothing can be smuggled in through the cache: the key is every byte of the messa
 ID, and a message is its own key, so a forged answer is parsed (and judged) as what it is.
 Messages that do not parse are not remembered (the error is raised every time).
 
+Only a repeat is kept parsed: a message seen for the first time is remembered by its bytes alone
+(in ``*_seen``, the same cap and FIFO rule), and parsed into the cache when it comes again. A
+message that never repeats (every answer of a pass over new names, say) then costs one dict
+entry of bytes, which the garbage collector never walks, instead of a parsed message of tens of
+objects that would survive two collections, be promoted to the oldest generation and make full
+collections more frequent and longer; it also cannot push a repeating message out. A message
+that does repeat is parsed twice, once more than before.
+
 Bounded: at most ``capacity`` messages per kind, each at most ``MAX_MESSAGE`` bytes (larger ones
 are parsed every time; they are rare and would dominate the memory); when full, the oldest entry
 goes (FIFO: a repeat re-enters at once, and FIFO costs nothing to maintain on a hit). Hits,
@@ -19,6 +27,8 @@ misses and evictions are counted for ``fqdnproxy_parse_cache_*``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from fqdnproxy.dns import wire
 from fqdnproxy.memo import BoundedMemo, MemoStats
@@ -42,6 +52,9 @@ class ParseCache:
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
         self._queries: BoundedMemo[bytes, wire.Query] = BoundedMemo(capacity)
         self._responses: BoundedMemo[bytes, wire.Response] = BoundedMemo(capacity)
+        # Messages seen once, by their bytes: parsed into the memos above on a repeat.
+        self._queries_seen: BoundedMemo[bytes, bool] = BoundedMemo(capacity)
+        self._responses_seen: BoundedMemo[bytes, bool] = BoundedMemo(capacity)
         self.capacity = capacity
 
     def query(self, data: bytes) -> wire.Query:
@@ -56,7 +69,7 @@ class ParseCache:
             return _rebuild_query(found, data)
         parsed = wire.parse_query(data)  # WireError propagates: nothing is remembered
         if len(data) <= MAX_MESSAGE:
-            self._queries.put(key, parsed)
+            _remember(self._queries, self._queries_seen, key, parsed)
         return parsed
 
     def response(self, data: bytes) -> wire.Response:
@@ -71,13 +84,28 @@ class ParseCache:
             return _rebuild_response(found, data)
         parsed = wire.parse_response(data)
         if len(data) <= MAX_MESSAGE:
-            self._responses.put(key, parsed)
+            _remember(self._responses, self._responses_seen, key, parsed)
         return parsed
 
     def sizes(self) -> dict[str, int]:
-        """Messages remembered, by kind ("query", "response")."""
-        return {"query": len(self._queries), "response": len(self._responses)}
+        """Messages remembered, by kind ("query", "response": parsed; "query_seen",
+        "response_seen": seen once, bytes only)."""
+        return {"query": len(self._queries), "response": len(self._responses),
+                "query_seen": len(self._queries_seen),
+                "response_seen": len(self._responses_seen)}
 
     def stats(self) -> dict[str, MemoStats]:
-        """Hits, misses and evictions, by kind."""
-        return {"query": self._queries.stats, "response": self._responses.stats}
+        """Hits, misses and evictions, by kind (a hit of a ``*_seen`` kind is a repeat)."""
+        return {"query": self._queries.stats, "response": self._responses.stats,
+                "query_seen": self._queries_seen.stats,
+                "response_seen": self._responses_seen.stats}
+
+
+def _remember(parsed_memo: BoundedMemo[bytes, Any], seen: BoundedMemo[bytes, bool], key: bytes,
+              parsed: Any) -> None:
+    """Keep ``parsed`` if ``key`` was seen before, else remember that it has been seen now."""
+    if seen.get(key):
+        parsed_memo.put(key, parsed)
+        seen.discard(key)
+    else:
+        seen.put(key, True)

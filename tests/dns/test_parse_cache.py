@@ -1,5 +1,5 @@
 """Tests for ``dns.parse_cache``: a repeat gives exactly what a fresh parse gives, bad input still
-raises, and the cache stays within its cap."""
+raises, only a repeat is kept parsed, and the cache stays within its cap."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def test_property_a_repeated_answer_parses_as_a_fresh_one(message, other_id):
     cache = parse_cache.ParseCache()
     data = bytes(dnslib_message(*message))
     again = with_id(data, other_id)
-    assert cache.response(data) == wire.parse_response(data)
+    assert cache.response(data) == wire.parse_response(data)  # seen: bytes remembered
+    assert cache.response(data) == wire.parse_response(data)  # a repeat: parsed and kept
     assert cache.response(again) == wire.parse_response(again)  # from the cache, new ID
     assert cache.response(again).header.id == other_id
     assert cache.stats()["response"].hits == 2
@@ -35,14 +36,17 @@ def test_property_a_repeated_query_parses_as_a_fresh_one(name, edns, other_id):
     data = bytes(query(name, "AAAA", edns=edns))
     again = with_id(data, other_id)
     assert cache.query(data) == wire.parse_query(data)
+    assert cache.query(data) == wire.parse_query(data)
     assert cache.query(again) == wire.parse_query(again)
     assert cache.query(again).header.id == other_id
+    assert cache.stats()["query"].hits == 2
 
 
 def test_tcp_bytearrays_are_looked_up_like_bytes():
     cache = parse_cache.ParseCache()
     data = bytes(query("www.example.com"))
     cache.query(data)
+    cache.query(bytearray(with_id(data, 9)))  # the repeat: kept
     assert cache.query(bytearray(with_id(data, 7))) == wire.parse_query(with_id(data, 7))
     assert cache.stats()["query"].hits == 1
 
@@ -55,7 +59,7 @@ def test_bad_messages_raise_every_time_and_are_not_remembered():
             cache.query(bad)
         with pytest.raises(wire.WireError):
             cache.response(bad)
-    assert cache.sizes() == {"query": 0, "response": 0}
+    assert set(cache.sizes().values()) == {0}
     assert cache.stats()["query"].misses == 2
 
 
@@ -63,13 +67,27 @@ def test_the_oldest_goes_at_the_cap_and_is_counted():
     cache = parse_cache.ParseCache(capacity=3)
     messages = [bytes(query(f"n{i}.example.com")) for i in range(5)]
     for data in messages:
-        cache.query(data)
+        cache.query(data)  # seen
+        cache.query(data)  # repeated: kept
     assert cache.sizes()["query"] == 3
     assert cache.stats()["query"].evictions == 2
     cache.query(messages[4])  # still there
     cache.query(messages[0])  # evicted: parsed again
     stats = cache.stats()["query"]
-    assert (stats.hits, stats.misses) == (1, 6)
+    assert (stats.hits, stats.misses) == (1, 11)
+
+
+def test_a_message_seen_once_is_kept_as_bytes_only():
+    cache = parse_cache.ParseCache(capacity=3)
+    messages = [bytes(query(f"once{i}.example.com")) for i in range(5)]
+    for data in messages:  # a pass over new names: nothing repeats
+        cache.query(data)
+    assert cache.sizes()["query"] == 0  # no parsed message kept
+    assert cache.sizes()["query_seen"] == 3  # the same cap, the oldest gone
+    assert cache.stats()["query_seen"].evictions == 2
+    cache.query(messages[4])  # its repeat: parsed into the cache, gone from the seen ones
+    assert cache.sizes() == {"query": 1, "response": 0, "query_seen": 2, "response_seen": 0}
+    assert cache.stats()["query_seen"].hits == 1
 
 
 def test_large_answers_are_parsed_every_time():
@@ -87,4 +105,4 @@ def test_capacity_zero_remembers_nothing():
     data = bytes(query("www.example.com"))
     cache.query(data)
     cache.query(data)
-    assert cache.sizes()["query"] == 0 and cache.stats()["query"].misses == 2
+    assert set(cache.sizes().values()) == {0} and cache.stats()["query"].misses == 2
