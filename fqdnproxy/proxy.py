@@ -144,9 +144,11 @@ class Proxy:
             return
         assert started.server is not None
         forwarded = time.monotonic()
-        self._upstream.send_udp(
-            started.server, started.query, started.data,
-            functools.partial(self._answered, started, done, forwarded))
+        answered = functools.partial(self._answered, started, done, forwarded)
+        try:
+            self._upstream.send_udp(started.server, started.query, started.data, answered)
+        except Exception as error:  # not sent, so never settled there: settle it here
+            answered(None, error)
 
     async def handle(self, data: bytes, client: Client) -> bytes | None:
         """The reply to send back, or None to stay silent. Never raises."""
@@ -165,7 +167,7 @@ class Proxy:
         return self._settle_guarded(started, forwarded, answer, error)
 
     def _answered(self, exchange: Exchange, done: ReplyCallback, forwarded: float,
-                  answer: bytes | None, error: upstream_mod.UpstreamError | None) -> None:
+                  answer: bytes | None, error: Exception | None) -> None:
         """The upstream settled a query that ``receive`` forwarded."""
         self._in_flight -= 1
         done(self._settle_guarded(exchange, forwarded, answer, error))

@@ -351,8 +351,13 @@ class UpstreamClient:
                            time.monotonic() + self.settings.timeout, sock, query_id,
                            self._deadlines)
         sock.pending[query_id] = pending
-        assert sock.transport is not None
-        sock.transport.sendto(wire.with_id(data, query_id))
+        try:
+            assert sock.transport is not None
+            sock.transport.sendto(wire.with_id(data, query_id))
+        except Exception as error:  # registered, so it must settle here, once
+            del sock.pending[query_id]
+            pending.settle(None, UpstreamUnreachable(f"cannot send to {pool.server}: {error}"))
+            return
         sock.sent += 1
         if (sock.sent >= self.settings.socket_max_queries
                 or pending.deadline - sock.created > self.settings.socket_max_age):

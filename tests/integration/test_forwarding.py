@@ -110,20 +110,21 @@ async def test_upstream_sees_fresh_random_ids_and_several_source_ports(rig: Rig)
     assert len(ports) >= 2  # spread over the pool of sockets, each on its own random port
 
 
-async def test_repeats_are_parsed_once_and_answered_with_their_own_ids(rig: Rig) -> None:
+async def test_repeats_are_parsed_once_kept_and_answered_with_their_own_ids(rig: Rig) -> None:
     rig.upstream.add("api.test. 300 IN A 192.0.2.10")
-    for qid in (101, 202, 303):
+    for qid in (101, 202, 303, 404):
         answer = await udp_query(rig.v4, question("api.test", qid=qid))
         assert answer is not None and answer.header.id == qid
         assert [str(rr.rdata) for rr in answer.rr] == ["192.0.2.10"]
-    assert [r.query_id for r in rig.audit.records[-3:]] == [101, 202, 303]
+    assert [r.query_id for r in rig.audit.records[-4:]] == [101, 202, 303, 404]
     lookups = "fqdnproxy_parse_cache_lookups_total"
-    assert rig.metric(lookups, kind="query", result="miss") == 1
-    assert rig.metric(lookups, kind="query", result="hit") == 2
-    # The fake upstream answers with the same bytes but our random ID: one parse, two repeats.
-    assert rig.metric(lookups, kind="response", result="miss") == 1
-    assert rig.metric(lookups, kind="response", result="hit") == 2
-    assert rig.metric("fqdnproxy_parse_cache_entries", kind="response") == 1
+    # The first sighting is remembered as bytes, the repeat is parsed and kept, the rest hit.
+    # The fake upstream answers with the same bytes but our random ID: the same for answers.
+    for kind in ("query", "response"):
+        assert rig.metric(lookups, kind=kind, result="miss") == 2
+        assert rig.metric(lookups, kind=kind, result="hit") == 2
+        assert rig.metric(lookups, kind=f"{kind}_seen", result="hit") == 1
+        assert rig.metric("fqdnproxy_parse_cache_entries", kind=kind) == 1
 
 
 async def test_ipv6_upstream(rig: Rig) -> None:
