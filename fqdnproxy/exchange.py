@@ -7,6 +7,7 @@ them, and loopback tests plug in an in-memory allow map.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -17,6 +18,9 @@ if TYPE_CHECKING:
     from fqdnproxy.endpoints import Endpoint
 
 Server = tuple[str, int]
+
+ReplyCallback = Callable[[bytes | None], None]
+"""Settles one exchange for a listener: the reply to send, or None to stay silent."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 from fqdnproxy import ratelimit
 from fqdnproxy.dns import parse_cache
@@ -46,7 +46,7 @@ from fqdnproxy.dns import upstream as upstream_mod
 from fqdnproxy.dns import wire
 from fqdnproxy.exchange import (
     AllowAll, AllowedIp, Client, Decider, Exchange, Learner, LearnError, NoLearning,
-    Server)
+    ReplyCallback, Server)
 from fqdnproxy.observe import metrics as metrics_mod
 from fqdnproxy.observe.audit import AuditRecord, AuditSink, NullAuditSink
 from fqdnproxy.observe.metrics import Metrics
@@ -92,10 +92,6 @@ class ProxySettings:
     deny_rcode: wire.Rcode = wire.Rcode.REFUSED
     rate_limit: ratelimit.RateLimit | None = None  # None: no per-client limit
     parse_cache_size: int = parse_cache.DEFAULT_CAPACITY  # messages per kind; 0: parse every time
-
-
-ReplyCallback = Callable[[bytes | None], None]
-"""Settles one exchange for a listener: the reply to send, or None to stay silent."""
 
 
 class Proxy:

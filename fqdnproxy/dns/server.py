@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from fqdnproxy.dns import transparent as transparent_mod
-from fqdnproxy.exchange import Client
+from fqdnproxy.exchange import Client, ReplyCallback
 from fqdnproxy.observe.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,6 @@ WRITE_BUFFER_HIGH = 64 * 1024  # bytes of unread answers per TCP connection befo
 
 
 QueryHandler = Callable[[bytes, Client], Awaitable[bytes | None]]
-ReplyCallback = Callable[[bytes | None], None]
 QueryReceiver = Callable[[bytes, Client, ReplyCallback], None]
 
 
