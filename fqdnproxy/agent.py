@@ -693,6 +693,13 @@ class _TimedWriter:
         finally:
             self._observe(time.perf_counter() - started)
 
+    def upsert_hosts(self, batch: Any) -> None:
+        started = time.perf_counter()
+        try:
+            self._writer.upsert_hosts(batch)
+        finally:
+            self._observe(time.perf_counter() - started)
+
     def delete_allows(self, keys: Any) -> int:
         return self._writer.delete_allows(keys)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from fqdnproxy.datapath import attach as tc
 from fqdnproxy.datapath import bpfsys, maps, pinned, toolchain
-from fqdnproxy.datapath.allowmap import AllowEntry, AllowKey, Address
+from fqdnproxy.datapath.allowmap import AllowEntry, AllowKey, Address, HostAllows
 from fqdnproxy.datapath.events import DropEvent, DropEventReader
 from fqdnproxy.datapath.metrics import DatapathMetrics
 from fqdnproxy.errors import FqdnproxyError
@@ -312,6 +312,10 @@ class EgressDatapath:
     def upsert_allows(self, entries: Sequence[AllowEntry]) -> None:
         """See ``PinnedMaps.upsert_allows``."""
         self.maps.upsert_allows(entries)
+
+    def upsert_hosts(self, batch: HostAllows) -> None:
+        """See ``PinnedMaps.upsert_hosts``."""
+        self.maps.upsert_hosts(batch)
 
     def delete_allows(self, keys: Sequence[AllowKey]) -> int:
         """See ``PinnedMaps.delete_allows``."""

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from fqdnproxy.datapath import bpfsys, maps
-from fqdnproxy.datapath.allowmap import AllowEntry, AllowKey, Address
+from fqdnproxy.datapath.allowmap import V6_KEY, AllowEntry, AllowKey, Address, HostAllows
 from fqdnproxy.errors import FqdnproxyError
 
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/fqdnproxy")
@@ -115,6 +115,7 @@ _VALUE_HEAD = struct.Struct("<QII")  # expiry, number of ranges, pad
 _RANGE = struct.Struct("<HHB3x")  # first, last, protocol
 _RANGES_SIZE = _RANGE.size * maps.MAX_PORT_RANGES
 _EXACT_KEY_SIZE = ctypes.sizeof(maps.ExactKey)
+_V4_TAIL = struct.Struct(">I")  # an IPv4 address's 4 bytes, from its integer value
 _VALUE_SIZE = ctypes.sizeof(maps.AllowValue)
 
 
@@ -161,6 +162,29 @@ def _pack_exact(entries: Sequence[AllowEntry]) -> tuple[bytes, bytes, list[Allow
             value = _pack_value(e)
         values.append(value)
     return b"".join(keys), b"".join(values), trie
+
+
+def _pack_hosts(batch: HostAllows) -> tuple[bytes, bytes]:
+    """(keys, values) of ``batch`` packed for ``allow_exact``: what ``_pack_exact`` gives for
+    ``batch.entries()``, from the integer keys, and the value packed once per distinct expiry
+    (an answer's IPs mostly share one)."""
+    head6 = _EXACT_HEAD.pack(batch.endpoint_id)
+    head4 = head6 + maps.V4_MAPPED
+    tail4 = _V4_TAIL.pack
+    keys = b"".join([head4 + tail4(k) if k < V6_KEY else head6 + (k - V6_KEY).to_bytes(16, "big")
+                     for k in batch.keys])
+    ports = batch.ports
+    ranges = b"".join([_RANGE.pack(r.first, r.last, r.protocol) for r in ports]
+                      ).ljust(_RANGES_SIZE, b"\x00")
+    expiries = batch.expiries
+    if expiries.count(expiries[0]) == len(expiries):
+        values = (_VALUE_HEAD.pack(expiries[0], len(ports), 0) + ranges) * len(expiries)
+    else:
+        packed: dict[int, bytes] = {}
+        head = _VALUE_HEAD.pack
+        values = b"".join([packed.get(x) or packed.setdefault(x, head(x, len(ports), 0) + ranges)
+                           for x in expiries])
+    return keys, values
 
 
 class PinnedMaps:
@@ -323,6 +347,17 @@ class PinnedMaps:
         callers merge the ports of rules for the same prefix (DESIGN.md, merge rule).
         """
         keys, values, trie = _pack_exact(entries)
+        self._update_exact(keys, values)
+        for entry in trie:  # CIDR rules: few, and the trie's batch support varies by kernel
+            bpfsys.update(self._fds["allow"], maps.encode_key(entry.key), maps.encode_value(entry))
+
+    def upsert_hosts(self, batch: HostAllows) -> None:
+        """``upsert_allows(batch.entries())``, packed from the integer keys (the learn stage)."""
+        if batch.keys:
+            self._update_exact(*_pack_hosts(batch))
+
+    def _update_exact(self, keys: bytes, values: bytes) -> None:
+        """Write packed ``allow_exact`` keys and values, ``BATCH`` entries per bpf() call."""
         exact = len(keys) // _EXACT_KEY_SIZE
         for start in range(0, exact, BATCH):
             count = min(BATCH, exact - start)
@@ -332,8 +367,6 @@ class PinnedMaps:
                 chunk_keys = keys[start * _EXACT_KEY_SIZE:(start + count) * _EXACT_KEY_SIZE]
                 chunk_values = values[start * _VALUE_SIZE:(start + count) * _VALUE_SIZE]
             bpfsys.update_batch(self._fds["allow_exact"], chunk_keys, chunk_values, count)
-        for entry in trie:  # CIDR rules: few, and the trie's batch support varies by kernel
-            bpfsys.update(self._fds["allow"], maps.encode_key(entry.key), maps.encode_value(entry))
 
     def delete_allows(self, keys: Sequence[AllowKey]) -> int:
         """Delete entries by key; return how many existed."""

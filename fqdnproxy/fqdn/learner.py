@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from fqdnproxy.datapath import allowmap, portmath
 from fqdnproxy.datapath.allowmap import (
-    AllowEntry, AllowEntryError, AllowKey, AllowMapWriter, PortRange, kernel_now_ns)
+    AllowEntry, AllowEntryError, AllowKey, AllowMapWriter, HostAllows, PortRange, kernel_now_ns)
 from fqdnproxy.dns import wire
 from fqdnproxy.errors import FqdnproxyError
 from fqdnproxy.exchange import AllowedIp, Exchange, LearnError
@@ -107,7 +107,8 @@ class AllowLearner:
             self._sync(decision.policy, endpoint_id, touched - answered)
         if not self.settings.report_allowed:
             return ()
-        return _allowed_ips(keys, addresses, written, self._wall() - now / NS)
+        return _allowed_ips(keys, addresses, written.expiry_and_ports(),
+                            self._wall() - now / NS)
 
     def sync(self, policy: object, endpoint_id: int, ips: Iterable[str],
              delete: bool = True) -> dict[str, AllowEntry]:
@@ -121,17 +122,18 @@ class AllowLearner:
             LearnError: the map refused the write.
         """
         written = self._sync(policy, endpoint_id, {ipkey.key(ip) for ip in ips}, delete)
-        return {ipkey.text(k): entry for k, entry in written.items()}
+        return {ipkey.text(k): entry for k, entry in written.entries().items()}
 
     def _sync(self, policy: object, endpoint_id: int, ip_keys: Iterable[int],
-              delete: bool = True) -> dict[int, AllowEntry]:
-        """``sync`` of IPs given as ``ipkey`` keys; the entries written, by key."""
+              delete: bool = True) -> Written:
+        """``sync`` of IPs given as ``ipkey`` keys; what was written."""
         upserts: dict[int, AllowEntry] = {}
+        hosts: list[HostAllows] = []
         deletes: list[AllowKey] = []
         memo = SyncMemo(policy)
         sole, rest = self.cache.sole_holders_keys(endpoint_id, ip_keys)
         for name, held in sole.items():
-            rest += self._sole_entries(policy, endpoint_id, name, held, memo, upserts)
+            rest += self._sole_entries(endpoint_id, name, held, memo, hosts)
         for k in rest:
             entry = self._entry_for_key(policy, endpoint_id, k, memo)
             if entry is None:
@@ -140,19 +142,20 @@ class AllowLearner:
             else:
                 upserts[k] = entry
         try:
+            for batch in hosts:
+                self.writer.upsert_hosts(batch)
             if upserts:
                 self.writer.upsert_allows(list(upserts.values()))
             if deletes:
                 self.writer.delete_allows(deletes)
         except (OSError, FqdnproxyError) as error:
             raise LearnError(f"allow map refused the entries: {error}") from error
-        return upserts
+        return Written(upserts, hosts)
 
-    def _sole_entries(self, policy: object, endpoint_id: int, name: str,
-                             held: dict[int, int], memo: SyncMemo,
-                             upserts: dict[int, AllowEntry]) -> list[int]:
-        """Put in ``upserts`` the entries of IPs ``name`` alone holds (key -> expiry in
-        ``held``); return the keys this cannot decide, for ``_entry_for_key``.
+    def _sole_entries(self, endpoint_id: int, name: str, held: dict[int, int], memo: SyncMemo,
+                      hosts: list[HostAllows]) -> list[int]:
+        """Add to ``hosts`` the entries of IPs ``name`` alone holds (key -> expiry in
+        ``held``), as one batch; return the keys this cannot decide, for ``_entry_for_key``.
 
         ``_entry_for_key`` for the learn stage's common case, one answer's new IPs, without its
         per-IP work: one name holds the IP, so its ranges and expiry are the name's, unless a
@@ -171,14 +174,13 @@ class AllowLearner:
         if not final:
             return list(held)
         covered = memo.statics.covered_keys(held)
-        trusted = AllowEntry.trusted
-        host4, host6 = allowmap.host4_network, allowmap.host6_network
-        v6 = ipkey.V6
-        for k, expiry in held.items():
-            if covered and k in covered:
-                continue
-            network = host4(k) if k < v6 else host6(k - v6)
-            upserts[k] = trusted(endpoint_id, network, expiry, final)
+        if covered:
+            keys = [k for k in held if k not in covered]
+            batch = HostAllows(endpoint_id, final, keys, [held[k] for k in keys])
+        else:  # no per-IP work in Python at all
+            batch = HostAllows(endpoint_id, final, list(held), list(held.values()))
+        if batch.keys:
+            hosts.append(batch)
         return list(covered)
 
     def keep_restored(self, entry: AllowEntry) -> None:
@@ -297,8 +299,32 @@ class AllowLearner:
             return 0  # expired entries are harmless: the kernel checks expiry itself
 
 
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What one ``_sync`` wrote: entries one by one, and host batches (``_sole_entries``)."""
+
+    upserts: dict[int, AllowEntry]  # by ipkey key
+    hosts: list[HostAllows]
+
+    def entries(self) -> dict[int, AllowEntry]:
+        """Every entry written, by ipkey key."""
+        out = dict(self.upserts)
+        for batch in self.hosts:
+            out.update(zip(batch.keys, batch.entries()))
+        return out
+
+    def expiry_and_ports(self) -> dict[int, tuple[int, tuple[PortRange, ...]]]:
+        """(expiry, ports) of every entry written, by ipkey key, without building entries."""
+        out = {k: (e.expiry_ns, e.ports) for k, e in self.upserts.items()}
+        for batch in self.hosts:
+            ports = batch.ports
+            out.update(zip(batch.keys, [(expiry, ports) for expiry in batch.expiries]))
+        return out
+
+
 def _allowed_ips(keys: list[int], addresses: tuple[wire.Address, ...],
-                 written: dict[int, AllowEntry], wall_offset: float) -> tuple[AllowedIp, ...]:
+                 written: dict[int, tuple[int, tuple[PortRange, ...]]], wall_offset: float
+                 ) -> tuple[AllowedIp, ...]:
     """What ``learn`` returns: the answer's addresses that have an entry, in answer order."""
     allowed_ips = []
     last_ports: object = None
@@ -307,11 +333,10 @@ def _allowed_ips(keys: list[int], addresses: tuple[wire.Address, ...],
     when = 0.0
     get = written.get
     for k, a in zip(keys, addresses):
-        entry = get(k)
-        if entry is None:
+        found = get(k)
+        if found is None:
             continue
-        ports = entry.ports
-        expiry_ns = entry.expiry_ns
+        expiry_ns, ports = found
         if ports is not last_ports or expiry_ns != last_expiry:  # an answer's entries share them
             if ports is not last_ports:
                 text = describe_ports(ports)

@@ -7,9 +7,13 @@ import ipaddress
 import pickle
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fqdnproxy.datapath import allowmap, maps
-from fqdnproxy.datapath.allowmap import AllowEntry, AllowKey, InMemoryAllowMap, PortRange
+from fqdnproxy.datapath.allowmap import (
+    AllowEntry, AllowKey, HostAllows, InMemoryAllowMap, PortRange)
+from fqdnproxy.fqdn import ipkey
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -109,6 +113,39 @@ def test_batch_packing_agrees_with_the_codecs() -> None:
     assert keys == b"".join(bytes(maps.encode_key(e.key)) for e in exact)
     assert values == b"".join(bytes(maps.encode_value(e)) for e in exact)
     assert trie == prefixes
+
+
+_host_keys = st.one_of(st.integers(0, 2**32 - 1), st.integers(ipkey.V6, ipkey.V6 + 2**128 - 1))
+_port_sets = st.lists(st.builds(PortRange, st.sampled_from([0, 6, 17]), st.just(0),
+                                st.integers(0, 65535)), min_size=1, max_size=maps.MAX_PORT_RANGES)
+
+
+@given(endpoint=st.integers(0, 2**32 - 1), ports=_port_sets,
+       hosts=st.lists(st.tuples(_host_keys, st.sampled_from([1, 10**12, 2**63])), max_size=40),
+       shared=st.booleans())
+def test_host_batch_packing_agrees_with_the_codecs(endpoint: int, ports: list[PortRange],
+                                                   hosts: list[tuple[int, int]],
+                                                   shared: bool) -> None:
+    from fqdnproxy.datapath import pinned
+
+    keys = [k for k, _ in hosts]
+    expiries = [10**12] * len(hosts) if shared else [x for _, x in hosts]
+    batch = HostAllows(endpoint, tuple(ports), keys, expiries)
+    entries = batch.entries()
+    assert [(e.endpoint_id, e.network, e.expiry_ns, e.ports) for e in entries] == [
+        (endpoint, ipaddress.ip_network(ipkey.text(k)), x, tuple(ports))
+        for k, x in zip(keys, expiries)]
+    if not hosts:
+        return
+    assert pinned._pack_hosts(batch) == pinned._pack_exact(entries)[:2]
+
+
+def test_the_in_memory_map_stores_a_host_batch_as_its_entries() -> None:
+    batch = HostAllows(4, (PortRange(6, 443, 443),), [ipkey.key("192.0.2.9"),
+                                                      ipkey.key("2001:db8::9")], [7, 8])
+    writer = InMemoryAllowMap()
+    writer.upsert_hosts(batch)
+    assert writer.dump() == batch.entries() and len(batch) == 2
 
 
 @pytest.mark.parametrize("address", ["0.0.0.0", "192.0.2.7", "255.255.255.255", "::",

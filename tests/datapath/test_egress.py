@@ -225,3 +225,17 @@ def test_batched_upsert_lookup_delete(dp: egress.EgressDatapath) -> None:
     assert len(dp.dump()) == 50_000
     assert dp.delete_allows([e.key for e in entries[:10]] + [AllowKey(EP2, entries[0].network)]) == 10
     assert dp.lookup(entries[0].key) is None
+
+
+def test_a_host_batch_reads_back_as_its_entries(dp: egress.EgressDatapath) -> None:
+    from fqdnproxy.datapath.allowmap import HostAllows
+    from fqdnproxy.fqdn import ipkey
+
+    ips = ["198.51.100.31", "198.51.100.32", "2001:db8:31::1"]
+    batch = HostAllows(EP2, (PortRange(6, 443, 443), PortRange(17, 53, 53)),
+                       [ipkey.key(ip) for ip in ips], [kernel_now_ns() + 60 * 10**9] * 2 + [7])
+    dp.upsert_hosts(batch)
+    try:
+        assert [dp.lookup(e.key) for e in batch.entries()] == batch.entries()
+    finally:
+        dp.delete_allows([e.key for e in batch.entries()])

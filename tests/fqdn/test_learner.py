@@ -154,7 +154,7 @@ def test_the_fast_lane_and_entry_for_agree_key_by_key(store: PolicyStore) -> Non
     learner.learn(_exchange(store, "x.a.test."), _response("x.a.test.", [(ip, 300) for ip in POOL]))
     learner.learn(_exchange(store, "b.a.test."), _response("b.a.test.", [(POOL[0], 3600)]))
     keys = {ipkey.key(ip) for ip in POOL}
-    written = learner._sync(policy, 1, keys)
+    written = learner._sync(policy, 1, keys).entries()
     for k in keys:
         assert written.get(k) == learner._entry_for_key(policy, 1, k), ipkey.text(k)
     # The shared IP goes the long way; the rest, one name each, the fast one (which hands the
