@@ -164,15 +164,32 @@ def _pack_exact(entries: Sequence[AllowEntry]) -> tuple[bytes, bytes, list[Allow
     return b"".join(keys), b"".join(values), trie
 
 
+def _pack_v4_keys(head4: bytes, addresses: list[int]) -> bytes:
+    """``allow_exact`` keys of IPv4 ``addresses`` (integers) behind one key head (endpoint id
+    and the IPv4-mapped prefix): the heads repeated, then each address byte put in place across
+    all keys by one slice assignment (the addresses packed big-endian in one call)."""
+    count = len(addresses)
+    size = _EXACT_KEY_SIZE
+    packed = struct.pack(f">{count}I", *addresses)
+    keys = bytearray((head4 + bytes(4)) * count)
+    for byte in range(4):
+        keys[size - 4 + byte::size] = packed[byte::4]
+    return bytes(keys)
+
+
 def _pack_hosts(batch: HostAllows) -> tuple[bytes, bytes]:
     """(keys, values) of ``batch`` packed for ``allow_exact``: what ``_pack_exact`` gives for
     ``batch.entries()``, from the integer keys, and the value packed once per distinct expiry
     (an answer's IPs mostly share one)."""
     head6 = _EXACT_HEAD.pack(batch.endpoint_id)
     head4 = head6 + maps.V4_MAPPED
-    tail4 = _V4_TAIL.pack
-    keys = b"".join([head4 + tail4(k) if k < V6_KEY else head6 + (k - V6_KEY).to_bytes(16, "big")
-                     for k in batch.keys])
+    ips = batch.keys
+    if max(ips) < V6_KEY:  # IPv4 only, an A answer: no Python loop per address
+        keys = _pack_v4_keys(head4, ips)
+    else:
+        tail4 = _V4_TAIL.pack
+        keys = b"".join([head4 + tail4(k) if k < V6_KEY else head6 + (k - V6_KEY).to_bytes(16, "big")
+                         for k in ips])
     ports = batch.ports
     ranges = b"".join([_RANGE.pack(r.first, r.last, r.protocol) for r in ports]
                       ).ljust(_RANGES_SIZE, b"\x00")

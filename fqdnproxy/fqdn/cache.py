@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import heapq
 import sys
+from itertools import repeat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -237,6 +238,40 @@ class FqdnCache:
         self._entries += added
         for kept, group in raised.values():
             self._push(kept, endpoint_id, name, group)
+        if len(ips) > self.limits.max_ips_per_name:
+            touched |= self._evict_soonest_ips(endpoint_id, endpoint, name)
+        while self._entries > self.limits.max_entries:
+            touched |= self._evict_soonest_entry()
+        self._maybe_compact()
+        return touched
+
+    def learn_keys_at(self, endpoint_id: int, name: str, keys: list[int], expiry: int,
+                      now_ns: int = 0, headroom: float = 0.0) -> set[int]:
+        """``learn_keys`` of ``keys``, all at one ``expiry``: an answer with one TTL.
+
+        A name the endpoint has not learned yet (the learn stage's common case) is stored
+        without a Python step per IP unless another name holds one of them; anything else takes
+        ``learn_keys``. The two leave the cache in the same state (tests check).
+        """
+        endpoint = self._endpoints.get(endpoint_id)
+        name = sys.intern(name)
+        if endpoint is None or name in endpoint.names:
+            return self.learn_keys(endpoint_id, name, zip(keys, repeat(expiry)), now_ns, headroom)
+        touched: set[int] = set()
+        if len(endpoint.names) >= self.limits.max_names_per_endpoint:
+            touched |= self._evict_name(endpoint_id, endpoint)
+        kept = expiry + int((expiry - now_ns) * headroom) if headroom else expiry
+        ips = endpoint.names[name] = dict.fromkeys(keys, kept)
+        holders = endpoint.holders
+        shared = {k: holders[k] for k in ips if k in holders}  # held by other names before
+        holders.update(dict.fromkeys(ips, name))
+        for k, held in shared.items():  # those are held by both now
+            holders[k] = held
+            _add_holder(holders, k, name)
+        self._entries += len(ips)
+        if ips:
+            self._push(kept, endpoint_id, name, ips)
+        touched.update(ips)
         if len(ips) > self.limits.max_ips_per_name:
             touched |= self._evict_soonest_ips(endpoint_id, endpoint, name)
         while self._entries > self.limits.max_entries:

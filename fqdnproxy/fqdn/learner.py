@@ -87,16 +87,21 @@ class AllowLearner:
         endpoint_id = decision.endpoint.id
         addresses = response.addresses
         keys = ipkey.keys([a.ip for a in addresses])  # each IP's text is read once, here
-        expiries: dict[int, int] = {}  # TTL -> expiry: an answer's addresses mostly share one
-        learned = []
-        for k, a in zip(keys, addresses):
-            ttl = a.ttl
-            expiry = expiries.get(ttl)
-            if expiry is None:
-                expiry = expiries[ttl] = now + max(ttl, floor) * NS
-            learned.append((k, expiry))
-        touched = self.cache.learn_keys(endpoint_id, exchange.query.question.name, learned,
-                                        now, self.settings.ttl_headroom)
+        ttls = [a.ttl for a in addresses]
+        name = exchange.query.question.name
+        headroom = self.settings.ttl_headroom
+        if ttls.count(ttls[0]) == len(ttls):  # one TTL, as in nearly every answer
+            touched = self.cache.learn_keys_at(endpoint_id, name, keys,
+                                               now + max(ttls[0], floor) * NS, now, headroom)
+        else:
+            expiries: dict[int, int] = {}  # TTL -> expiry
+            learned = []
+            for k, ttl in zip(keys, ttls):
+                expiry = expiries.get(ttl)
+                if expiry is None:
+                    expiry = expiries[ttl] = now + max(ttl, floor) * NS
+                learned.append((k, expiry))
+            touched = self.cache.learn_keys(endpoint_id, name, learned, now, headroom)
         if not decision.policy.enforced or not touched:
             return ()
         # The answer's own IPs never need a delete: had no rule selected them before, nothing

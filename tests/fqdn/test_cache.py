@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from fqdnproxy.fqdn.cache import CacheLimits, FqdnCache
 
 S = 1_000_000_000  # one second in ns
@@ -153,3 +156,31 @@ def test_sole_holders_split_one_name_ips_from_shared_and_unknown_ones() -> None:
         for k, expiry in held.items():
             assert cache.holders_of_key(1, k) == {name: expiry}
     assert cache.sole_holders_keys(2, keys) == ({}, keys)  # an endpoint that learned nothing
+
+
+def _state(cache: FqdnCache) -> tuple[object, ...]:
+    """Everything a cache holds, in its order: entries, holders, heap, counts."""
+    endpoints = {eid: (list(e.names.items()), dict(e.holders))
+                 for eid, e in cache._endpoints.items()}
+    return (endpoints, sorted(cache._heap), cache._heap_ips, len(cache), dict(cache.evictions))
+
+
+_answers = st.lists(st.tuples(st.integers(1, 2), st.sampled_from(["a.test.", "b.test.", "c.test."]),
+                              st.lists(st.integers(0, 12), max_size=6),
+                              st.sampled_from([100, 200, 300]), st.integers(0, 50)),
+                    max_size=25)
+
+
+@given(_answers, st.sampled_from([0.0, 0.1]))
+def test_learning_at_one_expiry_leaves_what_learn_keys_leaves(answers, headroom: float) -> None:
+    limits = CacheLimits(max_ips_per_name=4, max_names_per_endpoint=2, max_entries=9)
+    general, one_expiry = FqdnCache(limits), FqdnCache(limits)
+    now = 0
+    for endpoint_id, name, keys, ttl, advance in answers:
+        now += advance
+        expiry = now + ttl
+        want = general.learn_keys(endpoint_id, name, [(k, expiry) for k in keys], now, headroom)
+        got = one_expiry.learn_keys_at(endpoint_id, name, keys, expiry, now, headroom)
+        assert got == want
+        assert _state(one_expiry) == _state(general)
+    assert one_expiry.expire_keys(now + 10_000, 100) == general.expire_keys(now + 10_000, 100)
