@@ -452,6 +452,37 @@ def test_record_fast_path_agrees_with_the_general_one():
         f"100 bytes wanted at offset 39, data ends at {len(data)}")
 
 
+@given(st.lists(st.tuples(st.sampled_from([0, 1, 60, 2**31, 2**32 - 1]), st.integers(0, 3)),
+                min_size=2, max_size=34),
+       st.integers(0, 40), st.sampled_from([b"", bytes(16)]))
+def test_a_block_agrees_with_the_record_by_record_way(rows, odd, tail):
+    """A section of pointer-owned IN A records is read by one unpack (``_read_a_block``); with
+    one record unlike the rest, or cut short, it is read record by record. Both ways give the
+    same records, addresses (duplicates keep their largest TTL) and errors."""
+    records = [rr_bytes(b"\xc0\x0c", 1, ttl, bytes([192, 0, 2, n])) for ttl, n in rows]
+    if odd < len(records):  # another type, class, owner or length in the middle
+        records[odd] = [rr_bytes(b"\xc0\x0c", 28, 5, bytes(16)),
+                        rr_bytes(b"\xc0\x0c", 1, 5, bytes(4), rclass=3),
+                        rr_bytes(encode_name([b"q", b"example"]), 1, 7, bytes(4)),
+                        rr_bytes(b"\xc0\x0c", 1, 5, bytes(4))[:-1]][odd % 4]
+    data = _answer(*records) + tail
+
+    def outcome():
+        try:
+            r = wire.parse_response(data)
+        except wire.WireError as error:
+            return type(error), error.offset
+        return r.records, r.cnames, r.addresses
+
+    by_block = outcome()
+    saved = wire._A_BLOCKS
+    wire._A_BLOCKS = ()  # no count fits: every section goes record by record
+    try:
+        assert by_block == outcome()
+    finally:
+        wire._A_BLOCKS = saved
+
+
 def test_errors_share_one_base_and_carry_offsets():
     for error in (wire.ShortHeader, wire.ShortMessage, wire.BadPointer, wire.BadLabel, wire.BadQuestionCount, wire.BadRdata):
         assert issubclass(error, wire.WireError)
