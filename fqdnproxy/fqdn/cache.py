@@ -255,7 +255,15 @@ class FqdnCache:
         """
         endpoint = self._endpoints.get(endpoint_id)
         name = sys.intern(name)
-        if endpoint is None or name in endpoint.names:
+        if endpoint is None:
+            return self.learn_keys(endpoint_id, name, zip(keys, repeat(expiry)), now_ns, headroom)
+        ips = endpoint.names.get(name)
+        if ips is not None:
+            if keys and min(map(ips.get, keys, repeat(0))) >= expiry:
+                # A repeat within the headroom: nothing to raise, the name is only looked up.
+                del endpoint.names[name]
+                endpoint.names[name] = ips
+                return set()
             return self.learn_keys(endpoint_id, name, zip(keys, repeat(expiry)), now_ns, headroom)
         touched: set[int] = set()
         if len(endpoint.names) >= self.limits.max_names_per_endpoint:
