@@ -87,7 +87,9 @@ def part_dns(ctx: dict[str, Any]) -> list[dict[str, Any]]:
         "forwarder with no parsing, policy, audit or metrics (not a usable proxy: what CPython and "
         "the event loop cost before any work of our own); fqdnproxy runs with policy, the audit log to a file, metrics, the "
         "datapath on a private bpffs and the per-client rate limit off. Ratios are to dnsmasq "
-        "(no firewall) at the same load in the same run.")
+        "(no firewall) at the same load in the same run. knot runs at the fixed rate once more "
+        "after fqdnproxy (\"again\"): the p99 fqdnproxy adds is taken over the lower of knot's two "
+        "p99s, since a stall of the machine during one run raises only that run's tail.")
     text += dns_compare.notes(rows)
     if "nftset_elements" in data:
         text += f" nftset sets after the runs: {data['nftset_elements']}."
@@ -195,8 +197,14 @@ def targets(doc: dict[str, Any]) -> list[report.Target]:
         out.append(report.Target("fqdnproxy q/s vs dnsmasq + nftset, no loss", f"{vs_nft:.2f}x, "
                                  f"{fq['lost']:,} lost", "≥ 3x, 0 lost", vs_nft >= 3.0 and fq["lost"] == 0))
         fixed = [k for k in row if k[1] != "full"][0][1]
-        added = row[("fqdnproxy", fixed)]["p99_ms"] - row[("knot directly", fixed)]["p99_ms"]
-        out.append(report.Target(f"p99 added over knot at {fixed}", f"{added:+.3f} ms", "≤ 1 ms", added <= 1.0))
+        # Over the lower of the upstream's fixed-rate p99s (dns_compare.run says why).
+        knot = sorted(r["p99_ms"] for (target, load), r in row.items()
+                      if load == fixed and target.startswith("knot directly"))
+        added = row[("fqdnproxy", fixed)]["p99_ms"] - knot[0]
+        out.append(report.Target(
+            f"p99 added over knot at {fixed}",
+            f"{added:+.3f} ms (knot's p99: {knot[0]:.3f} ms, the lower of its {len(knot)} runs)",
+            "≤ 1 ms", added <= 1.0))
     dp = doc.get("datapath", {}).get("rows")
     if dp:
         kinds = [k for k in ("new_tcp", "new_udp", "established") if k in dp[0]]
