@@ -271,7 +271,7 @@ class FqdnCache:
         kept = expiry + int((expiry - now_ns) * headroom) if headroom else expiry
         ips = endpoint.names[name] = dict.fromkeys(keys, kept)
         holders = endpoint.holders
-        shared = {k: holders[k] for k in ips if k in holders}  # held by other names before
+        shared = {k: holders[k] for k in holders.keys() & ips.keys()}  # held by other names
         holders.update(dict.fromkeys(ips, name))
         for k, held in shared.items():  # those are held by both now
             holders[k] = held
