@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import heapq
 import sys
-from itertools import repeat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import repeat
 
 from fqdnproxy.fqdn import ipkey
 

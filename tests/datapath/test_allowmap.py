@@ -166,3 +166,8 @@ def test_host_network_is_what_ip_network_builds(address: str) -> None:
     assert pickle.loads(pickle.dumps(made)) == real and copy.deepcopy(made) == real
     if ip.version == 6:
         assert made_ip.scope_id is None and made_ip.ipv4_mapped == real_ip.ipv4_mapped
+
+
+def test_host_batches_use_the_cache_s_key_scheme() -> None:
+    assert allowmap.V6_KEY == ipkey.V6
+    assert allowmap.host_key_network(ipkey.key("2001:db8::1")) == ipaddress.ip_network("2001:db8::1")
