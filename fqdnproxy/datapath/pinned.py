@@ -116,6 +116,7 @@ _RANGE = struct.Struct("<HHB3x")  # first, last, protocol
 _RANGES_SIZE = _RANGE.size * maps.MAX_PORT_RANGES
 _EXACT_KEY_SIZE = ctypes.sizeof(maps.ExactKey)
 _V4_TAIL = struct.Struct(">I")  # an IPv4 address's 4 bytes, from its integer value
+_BE32S = tuple(struct.Struct(f">{count}I") for count in range(65))  # an answer's IPv4 addresses
 _VALUE_SIZE = ctypes.sizeof(maps.AllowValue)
 
 
@@ -170,7 +171,8 @@ def _pack_v4_keys(head4: bytes, addresses: list[int]) -> bytes:
     all keys by one slice assignment (the addresses packed big-endian in one call)."""
     count = len(addresses)
     size = _EXACT_KEY_SIZE
-    packed = struct.pack(f">{count}I", *addresses)
+    packed = (_BE32S[count] if count < len(_BE32S) else struct.Struct(f">{count}I")).pack(
+        *addresses)
     keys = bytearray((head4 + bytes(4)) * count)
     for byte in range(4):
         keys[size - 4 + byte::size] = packed[byte::4]

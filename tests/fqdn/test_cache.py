@@ -184,3 +184,19 @@ def test_learning_at_one_expiry_leaves_what_learn_keys_leaves(answers, headroom:
         assert got == want
         assert _state(one_expiry) == _state(general)
     assert one_expiry.expire_keys(now + 10_000, 100) == general.expire_keys(now + 10_000, 100)
+
+
+@given(_answers, st.lists(st.integers(0, 14), max_size=8))
+def test_sole_holders_agree_with_holders_of_each_key(answers, asked) -> None:
+    cache = FqdnCache(CacheLimits(max_ips_per_name=4, max_names_per_endpoint=2, max_entries=9))
+    for _, name, keys, ttl, _ in answers:
+        cache.learn_keys(1, name, [(k, ttl) for k in keys])
+    sole, rest = cache.sole_holders_keys(1, asked)
+    want: dict[str, dict[int, int]] = {}
+    for k in asked:
+        holders = cache.holders_of_key(1, k)
+        if len(holders) == 1:
+            [(name, expiry)] = holders.items()
+            want.setdefault(name, {})[k] = expiry
+    assert sole == want
+    assert rest == [k for k in asked if len(cache.holders_of_key(1, k)) != 1]
