@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, Union
 
 from fqdnproxy.errors import FqdnproxyError
+from fqdnproxy.fqdn import ipkey  # the learn stage's integer keys (pure: no I/O)
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -253,7 +254,7 @@ _set_endpoint_id, _set_network, _set_expiry_ns, _set_ports = (
     AllowEntry.__dict__[name].__set__ for name in ("endpoint_id", "network", "expiry_ns", "ports"))
 
 
-V6_KEY = 1 << 128  # fqdn/ipkey.py's V6: an IPv6 address's key is its value plus this
+V6_KEY = ipkey.V6  # an IPv6 address's key is its value plus this (fqdn/ipkey.py)
 
 
 @dataclass(slots=True)

@@ -16,7 +16,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from fqdnproxy.datapath import bpfsys, maps
-from fqdnproxy.datapath.allowmap import V6_KEY, AllowEntry, AllowKey, Address, HostAllows
+from fqdnproxy.datapath.allowmap import (
+    V6_KEY, AllowEntry, AllowKey, Address, HostAllows, PortRange)
 from fqdnproxy.errors import FqdnproxyError
 
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/fqdnproxy")
@@ -122,9 +123,13 @@ _VALUE_SIZE = ctypes.sizeof(maps.AllowValue)
 
 def _pack_value(entry: AllowEntry) -> bytes:
     """``bytes(maps.encode_value(entry))``, with structs."""
-    ports = entry.ports
-    ranges = b"".join([_RANGE.pack(r.first, r.last, r.protocol) for r in ports])
-    return _VALUE_HEAD.pack(entry.expiry_ns, len(ports), 0) + ranges.ljust(_RANGES_SIZE, b"\x00")
+    return _VALUE_HEAD.pack(entry.expiry_ns, len(entry.ports), 0) + _pack_ranges(entry.ports)
+
+
+def _pack_ranges(ports: Sequence[PortRange]) -> bytes:
+    """A value's port ranges, padded to ``MAX_PORT_RANGES``."""
+    return b"".join([_RANGE.pack(r.first, r.last, r.protocol) for r in ports]
+                    ).ljust(_RANGES_SIZE, b"\x00")
 
 
 def _pack_exact(entries: Sequence[AllowEntry]) -> tuple[bytes, bytes, list[AllowEntry]]:
@@ -193,8 +198,7 @@ def _pack_hosts(batch: HostAllows) -> tuple[bytes, bytes]:
         keys = b"".join([head4 + tail4(k) if k < V6_KEY else head6 + (k - V6_KEY).to_bytes(16, "big")
                          for k in ips])
     ports = batch.ports
-    ranges = b"".join([_RANGE.pack(r.first, r.last, r.protocol) for r in ports]
-                      ).ljust(_RANGES_SIZE, b"\x00")
+    ranges = _pack_ranges(ports)
     expiries = batch.expiries
     if expiries.count(expiries[0]) == len(expiries):
         values = (_VALUE_HEAD.pack(expiries[0], len(ports), 0) + ranges) * len(expiries)

@@ -245,12 +245,7 @@ class FqdnCache:
         self._entries += added
         for kept, group in raised.values():
             self._push(kept, endpoint_id, name, group)
-        if len(ips) > self.limits.max_ips_per_name:
-            touched |= self._evict_soonest_ips(endpoint_id, endpoint, name)
-        while self._entries > self.limits.max_entries:
-            touched |= self._evict_soonest_entry()
-        self._maybe_compact()
-        return touched
+        return touched | self._enforce_caps(endpoint_id, endpoint, name)
 
     def learn_keys_at(self, endpoint_id: int, name: str, keys: list[int], expiry: int,
                       now_ns: int = 0, headroom: float = 0.0) -> set[int]:
@@ -287,12 +282,18 @@ class FqdnCache:
         if ips:
             self._push(kept, endpoint_id, name, ips)
         touched.update(ips)
-        if len(ips) > self.limits.max_ips_per_name:
-            touched |= self._evict_soonest_ips(endpoint_id, endpoint, name)
+        return touched | self._enforce_caps(endpoint_id, endpoint, name)
+
+    def _enforce_caps(self, endpoint_id: int, endpoint: _Endpoint, name: str) -> set[int]:
+        """After ``name`` of ``endpoint_id`` learned: evict past the per-name and total caps,
+        compact the heap if due; the IPs evicted."""
+        evicted: set[int] = set()
+        if len(endpoint.names[name]) > self.limits.max_ips_per_name:
+            evicted |= self._evict_soonest_ips(endpoint_id, endpoint, name)
         while self._entries > self.limits.max_entries:
-            touched |= self._evict_soonest_entry()
+            evicted |= self._evict_soonest_entry()
         self._maybe_compact()
-        return touched
+        return evicted
 
     def remove_endpoint(self, endpoint_id: int) -> set[str]:
         """Forget everything ``endpoint_id`` learned; returns its IPs."""

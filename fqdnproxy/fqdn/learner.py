@@ -19,7 +19,6 @@ Only NOERROR answers with addresses teach anything. Entries are per endpoint onl
 from __future__ import annotations
 
 import functools
-import ipaddress
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -410,9 +409,7 @@ class SyncMemo:
         return alone[1]
 
 
-def _network(ip_key: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """The /32 or /128 of an ``ipkey`` key (from its integer: no text to parse)."""
-    return allowmap.host_network(*ipkey.split(ip_key))
+_network = allowmap.host_key_network  # the /32 or /128 of an ``ipkey`` key
 
 
 # --- memos -------------------------------------------------------------------------------------
