@@ -11,7 +11,8 @@ loopback, nothing in the machine's root namespace. Parts, in order:
               fqdnproxy under one dnsperf load
     datapath  bench_datapath.py (BPF_PROG_TEST_RUN) and nft_compare.py (an nftables set lookup)
     policy    bench_policy.py: decision time at 10, 1,000 and 10,000 selectors
-    learn     learn_memory.py: learned entries per second end to end, agent RSS, map memory
+    learn     learn_memory.py: learned entries per second end to end, agent RSS, map memory;
+              bench_learn.py: the learn stage alone (parse, learn, kernel write) per answer
     cache     bench_cache.py: the cache alone at 1M entries
     wire      bench_wire.py --dnslib: the DNS wire parser against dnslib
 
@@ -160,7 +161,15 @@ def part_learn(ctx: dict[str, Any]) -> list[dict[str, Any]]:
     data = learn_memory.run(ctx["workdir"] / "learn", ctx["bpffs"], names=ctx["learn_names"],
                             map_entries=ctx["sizes"][-1])
     ctx["json"]["learn"] = data
-    return learn_memory.sections(data)
+    answers = 2_000 if ctx["quick"] else 20_000
+    command = [PY, "-m", "benchmarks.bench_learn", "--pin-dir", str(ctx["bpffs"] / "learn-stage"),
+               "--answers", str(answers)]
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    ctx["json"]["learn_stage"] = {"command": " ".join(command), "output": out}
+    stage = {"title": "The learn stage alone (CPU time in one process, kernel allow map)",
+             "text": "\n".join(f"- {line}" for line in out.splitlines() if line.strip()),
+             "command": " ".join(command)}
+    return [*learn_memory.sections(data), stage]
 
 
 def part_cache(ctx: dict[str, Any]) -> list[dict[str, Any]]:
