@@ -18,7 +18,9 @@ loopback, nothing in the machine's root namespace. Parts, in order:
 
 Writes benchmarks/results/latest.json and latest.md and refreshes the README between
 <!-- bench:start --> and <!-- bench:end -->. --quick is a smoke test (short runs, small sizes):
-its figures say nothing, and it writes quick.json / quick.md and leaves the README alone.
+its figures say nothing, and it writes quick.json / quick.md and leaves the README alone. --only
+writes partial.json / partial.md and leaves the README alone too: the README's table is always
+one whole run.
 """
 
 from __future__ import annotations
@@ -302,21 +304,23 @@ def inside(args: argparse.Namespace) -> int:
                     f"the CPU time (load average {' '.join(load0)} before, "
                     f"{' '.join(detail['loadavg_after'])} after); the run took {detail['wall_s'] / 60:.1f} min.")
     doc["targets"] = [t.__dict__ for t in targets(doc)]
-    write(doc, quick)
+    write(doc, "quick" if quick else "partial" if args.only else "latest")
     return 0
 
 
-def write(doc: dict[str, Any], quick: bool) -> None:
-    """latest.json and latest.md (quick.* for --quick), and the README for a full run."""
+def write(doc: dict[str, Any], stem: str) -> None:
+    """``stem``.json and ``stem``.md; the README only from a full run ("latest"): a quick or
+    partial run (``--quick``, ``--only``) must not replace the full table with part of one."""
     RESULTS.mkdir(exist_ok=True)
-    stem = "quick" if quick else "latest"
     (RESULTS / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
     markdown = report.render_markdown(doc)
     (RESULTS / f"{stem}.md").write_text("# Benchmarks\n\n" + markdown)
     print(markdown)
-    if not quick:
+    if stem == "latest":
         README.write_text(report.refresh_readme(README.read_text(), markdown))
         print(f"wrote {RESULTS}/{stem}.json, {stem}.md and the README's Benchmarks table")
+    else:
+        print(f"wrote {RESULTS}/{stem}.json and {stem}.md (README untouched)")
 
 
 def main() -> int:
