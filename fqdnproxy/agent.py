@@ -687,16 +687,15 @@ class _TimedWriter:
         self._observe: Callable[[float], None] = metrics.allow_map_update.observe
 
     def upsert_allows(self, entries: Any) -> None:
-        started = time.perf_counter()
-        try:
-            self._writer.upsert_allows(entries)
-        finally:
-            self._observe(time.perf_counter() - started)
+        self._timed(self._writer.upsert_allows, entries)
 
     def upsert_hosts(self, batch: Any) -> None:
+        self._timed(self._writer.upsert_hosts, batch)
+
+    def _timed(self, write: Callable[[Any], None], what: Any) -> None:
         started = time.perf_counter()
         try:
-            self._writer.upsert_hosts(batch)
+            write(what)
         finally:
             self._observe(time.perf_counter() - started)
 
