@@ -23,7 +23,7 @@ import resource
 import time
 
 from fqdnproxy.datapath.allowmap import NullAllowMap
-from fqdnproxy.fqdn import ipkey
+from fqdnproxy import ipkey
 from fqdnproxy.fqdn.cache import CacheLimits, FqdnCache
 from fqdnproxy.fqdn.learner import AllowLearner
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, Union
 
 from fqdnproxy.errors import FqdnproxyError
-from fqdnproxy.fqdn import ipkey  # the learn stage's integer keys (pure: no I/O)
+from fqdnproxy import ipkey  # the learn stage's integer keys (pure: no I/O)
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -254,7 +254,7 @@ _set_endpoint_id, _set_network, _set_expiry_ns, _set_ports = (
     AllowEntry.__dict__[name].__set__ for name in ("endpoint_id", "network", "expiry_ns", "ports"))
 
 
-V6_KEY = ipkey.V6  # an IPv6 address's key is its value plus this (fqdn/ipkey.py)
+V6_KEY = ipkey.V6  # an IPv6 address's key is its value plus this (ipkey.py)
 
 
 @dataclass(slots=True)
@@ -262,7 +262,7 @@ class HostAllows:
     """Host entries (/32, /128) of one endpoint sharing one port set: one answer's new IPs.
 
     What the learn stage writes for the IPs one name alone holds, in the form it already has
-    them: integer keys (``fqdn/ipkey.py``: an IPv4 address's value, an IPv6 address's value plus
+    them: integer keys (``ipkey.py``: an IPv4 address's value, an IPv6 address's value plus
     ``V6_KEY``) and their expiries, index by index. The kernel writer packs the keys straight
     from the integers; an ``AllowEntry`` and an ipaddress network per IP cost the learn stage a
     quarter of its time (20-IP answers). ``entries()`` gives the same entries as objects.
@@ -283,7 +283,7 @@ class HostAllows:
 
 
 def host_key_network(ip_key: int) -> Network:
-    """The /32 or /128 of an ``fqdn/ipkey.py`` key."""
+    """The /32 or /128 of an ``ipkey.py`` key."""
     return host4_network(ip_key) if ip_key < V6_KEY else host6_network(ip_key - V6_KEY)
 
 

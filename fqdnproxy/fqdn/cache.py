@@ -38,7 +38,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import repeat
 
-from fqdnproxy.fqdn import ipkey
+from fqdnproxy import ipkey
 
 RESTORED = "restored"  # source of entries found in the pinned map but not in the snapshot
 LOOKUP = "lookup"

@@ -29,7 +29,7 @@ from fqdnproxy.datapath.allowmap import (
 from fqdnproxy.dns import wire
 from fqdnproxy.errors import FqdnproxyError
 from fqdnproxy.exchange import AllowedIp, Exchange, LearnError
-from fqdnproxy.fqdn import ipkey
+from fqdnproxy import ipkey
 from fqdnproxy.fqdn.cache import RESTORED, FqdnCache
 from fqdnproxy.fqdn.statics import StaticIndex
 
@@ -85,7 +85,7 @@ class AllowLearner:
         floor = self.settings.min_ttl
         endpoint_id = decision.endpoint.id
         addresses = response.addresses
-        keys = ipkey.keys([a.ip for a in addresses])  # each IP's text is read once, here
+        keys = [a.key for a in addresses]
         ttls = [a.ttl for a in addresses]
         name = exchange.query.question.name
         headroom = self.settings.ttl_headroom

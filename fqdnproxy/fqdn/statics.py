@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 from fqdnproxy.datapath.allowmap import PortRange
-from fqdnproxy.fqdn.ipkey import V6
+from fqdnproxy.ipkey import V6
 
 Ranges = tuple[PortRange, ...]
 BITS = {4: 32, 6: 128}

@@ -227,8 +227,9 @@ class AuditRenderer:
       repeated answer's JSON is rendered once and inserted as an ``orjson.Fragment``. Keyed by
       the tuple's id with the tuple held in the entry: while the entry lives no other object
       can have that id, and the tuple and its records are frozen, so the text stays true.
-      Hashing the tuple instead would call every record's dataclass ``__hash__``, costing about
-      what rendering saves. A tuple equal to one remembered but not the same object misses.
+      Hashing the tuple instead would hash every field of every record (and compare them all
+      on a hit), where an id costs nothing. A tuple equal to one remembered but not the same
+      object misses.
     - ``dates``: the "YYYY-MM-DDTHH:MM:SS" of a second, as a %-template for the microseconds.
       A record's time and its allowed IPs' expiry (a TTL later) fall in different seconds, so
       ``_Rfc3339``'s one-second cache missed twice per answer (gmtime and strftime each time).

@@ -115,9 +115,13 @@ class EndpointPolicy:
         self.fqdn_rules = fqdn_rules
         self.deny_names = deny_names
         self._dns_rules = dns_rules
+        # toFQDNs selectors (value: their index in fqdn_rules) and, as -1 - their index in
+        # deny_names, egressDeny ones: ``select`` needs both, and one walk costs half of two.
         self._fqdn = match.NameMatcher()
         for index, (_, selector, _) in enumerate(fqdn_rules):
             self._fqdn.add_pattern(selector.normalized, index)
+        for index, (_, selector) in enumerate(deny_names):
+            self._fqdn.add_pattern(selector.normalized, -1 - index)
         self._fqdn.freeze()
         self._deny = match.NameMatcher()
         self._deny_decisions = []
@@ -154,10 +158,8 @@ class EndpointPolicy:
         """The ports IPs learned for ``name`` get, or None if no toFQDNs rule selects it."""
         if not self.enforced:
             return None
-        if self._deny and self._deny.match(name):
-            return None
         hits = self._fqdn.match(name)
-        if not hits:
+        if not hits or min(hits) < 0:  # no toFQDNs selector selects it, or an egressDeny one does
             return None
         key = frozenset(hits)
         ports = self._ports.get(key)
@@ -170,7 +172,7 @@ class EndpointPolicy:
 
     def selecting(self, name: str) -> tuple[RuleRef, ...]:
         """The toFQDNs selectors (as rule references) that select ``name``, in file order."""
-        return tuple(self.fqdn_rules[i][0] for i in sorted(self._fqdn.match(name)))
+        return tuple(self.fqdn_rules[i][0] for i in sorted(self._fqdn.match(name)) if i >= 0)
 
     def warm(self, servers: Iterable[str], port: int = 53) -> None:
         """Build the DNS views of ``servers`` now (UDP and TCP), so no query pays for compiling."""

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from fqdnproxy.datapath import allowmap, maps
 from fqdnproxy.datapath.allowmap import (
     AllowEntry, AllowKey, HostAllows, InMemoryAllowMap, PortRange)
-from fqdnproxy.fqdn import ipkey
+from fqdnproxy import ipkey
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -229,7 +229,7 @@ def test_batched_upsert_lookup_delete(dp: egress.EgressDatapath) -> None:
 
 def test_a_host_batch_reads_back_as_its_entries(dp: egress.EgressDatapath) -> None:
     from fqdnproxy.datapath.allowmap import HostAllows
-    from fqdnproxy.fqdn import ipkey
+    from fqdnproxy import ipkey
 
     ips = ["198.51.100.31", "198.51.100.32", "2001:db8:31::1"]
     batch = HostAllows(EP2, (PortRange(6, 443, 443), PortRange(17, 53, 53)),

@@ -143,7 +143,7 @@ def test_the_ips_of_one_answer_share_one_expiry_object() -> None:
 
 
 def test_sole_holders_split_one_name_ips_from_shared_and_unknown_ones() -> None:
-    from fqdnproxy.fqdn import ipkey
+    from fqdnproxy import ipkey
 
     cache = FqdnCache()
     cache.learn(1, "a.test.", [("192.0.2.1", 10 * S), ("192.0.2.2", 20 * S), ("2001:db8::1", 5 * S)])

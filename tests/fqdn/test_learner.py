@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from fqdnproxy.datapath.allowmap import AllowEntry, InMemoryAllowMap
 from fqdnproxy.dns import wire
 from fqdnproxy.exchange import AllowedIp, Client, Decision, Exchange
-from fqdnproxy.fqdn import ipkey
+from fqdnproxy import ipkey
 from fqdnproxy.fqdn import learner as learner_mod
 from fqdnproxy.fqdn.cache import RESTORED, CacheLimits, FqdnCache
 from fqdnproxy.fqdn.learner import AllowLearner, LearnSettings
@@ -95,7 +95,7 @@ def _exchange(store: PolicyStore, name: str) -> Exchange:
 
 
 def _response(name: str, addresses: list[tuple[str, int]]) -> wire.Response:
-    found = tuple(wire.Address(ip, 6 if ":" in ip else 4, ttl) for ip, ttl in addresses)
+    found = tuple(wire.address(ip, ttl) for ip, ttl in addresses)
     return wire.Response(wire.Header(7, 0x8180, 1, len(found), 0, 0), wire.Question(name, 1, 1),
                          (), (), found)
 

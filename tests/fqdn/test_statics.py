@@ -69,7 +69,7 @@ def test_no_rules_for_a_family_costs_nothing() -> None:
 
 def test_covered_keys_holds_every_address_a_rule_covers() -> None:
     """Sound for the learn stage's fast lane: a key left out is covered by no rule at all."""
-    from fqdnproxy.fqdn import ipkey
+    from fqdnproxy import ipkey
 
     index = StaticIndex(ALLOWS, DENIES, portmath.from_policy)
     addresses = ["192.0.2.1", "192.0.2.7", "192.0.2.20", "192.0.2.130", "192.0.2.200",

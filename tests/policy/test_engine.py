@@ -135,6 +135,8 @@ def test_denies_win_over_allows() -> None:
     assert denied == engine.Decision(False, model.RuleRef("p.yaml", 1, "spec.egressDeny[0].toFQDNs[0]", "demo/p"),
                                      "denied by egressDeny toFQDNs matchName: blocked.demo.test")
     assert policy.select("blocked.demo.test.") is None
+    # The deny selector shares the toFQDNs matcher; it is never listed as selecting the name.
+    assert policy.selecting("blocked.demo.test.") == (policy.fqdn_rules[0][0],)
     assert policy.deny_names[0][1].match_name == "blocked.demo.test"
 
 

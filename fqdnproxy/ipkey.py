@@ -32,20 +32,6 @@ def key(ip: str) -> int:
         raise ValueError(f"{ip!r} is not an IP address") from error
 
 
-def keys(ips: list[str]) -> list[int]:
-    """``[key(ip) for ip in ips]``, without a call per address (the learn stage's answers).
-
-    Raises:
-        ValueError: one of ``ips`` is not an IPv4 or IPv6 address.
-    """
-    pton, from_bytes, v4, v6 = socket.inet_pton, int.from_bytes, socket.AF_INET, socket.AF_INET6
-    try:
-        return [from_bytes(pton(v6, ip), "big") | V6 if ":" in ip else from_bytes(pton(v4, ip), "big")
-                for ip in ips]
-    except OSError:
-        return [key(ip) for ip in ips]  # raises, naming the address
-
-
 def text(ip_key: int) -> str:
     """The address of ``ip_key`` in text."""
     if ip_key < V6:
