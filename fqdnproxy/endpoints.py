@@ -66,16 +66,18 @@ class Endpoint:
     ips: tuple[str, ...]
     interface: str | None = None
     kind: Kind = "workload"
+    # How audit records name the endpoint: id, namespace, name, labels. Made once, here: every
+    # audit record of the endpoint carries this one dict, and the audit renderer remembers its
+    # JSON by the dict's id. Never mutated.
+    identity: dict[str, Any] = field(init=False, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "identity", {"id": self.id, "namespace": self.namespace,
+                                              "name": self.name, "labels": dict(self.labels)})
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
-
-    @property
-    def identity(self) -> dict[str, Any]:
-        """How audit records name the endpoint: id, namespace, name, labels."""
-        return {"id": self.id, "namespace": self.namespace, "name": self.name,
-                "labels": dict(self.labels)}
 
     def selector_labels(self) -> dict[tuple[str, str], str]:
         """Labels keyed by (source, key) as selectors see them, the namespace label included."""

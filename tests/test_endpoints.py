@@ -60,6 +60,10 @@ def test_lookups_and_fields(registry: endpoints.EndpointRegistry) -> None:
     assert [ep.name for ep in registry] == ["frontend", "backend", "kube-dns"]
     assert [ep.name for ep in registry.workloads()] == ["frontend", "backend"]
     assert len(registry) == 3
+    # Audit records name the endpoint by one dict, made once (the renderer remembers its JSON).
+    assert frontend.identity == {"id": 10, "namespace": "demo", "name": "frontend",
+                                 "labels": {"app": "frontend"}}
+    assert frontend.identity is frontend.identity is registry.by_id(10).identity
 
 
 def test_selector_labels_carry_source_and_namespace(registry: endpoints.EndpointRegistry) -> None:

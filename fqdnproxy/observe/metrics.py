@@ -177,7 +177,7 @@ class Metrics:
 
     def watch_audit_renderer(self, renderer: Any) -> None:
         """Export an ``audit.AuditRenderer``'s memos (``fqdnproxy_audit_memo_*``, by memo:
-        answers, dates); one per registry."""
+        answers, dates, endpoints); one per registry."""
         self._watch_memo(_MemoCollector(
             "fqdnproxy_audit_memo", "Rendered audit fields", "memo",
             lambda: {name: (len(memo), memo.stats) for name, memo in renderer.memos().items()}))

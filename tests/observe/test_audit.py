@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import inspect
 import time
-from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +110,7 @@ def record_streams(draw: Any) -> list[audit.AuditRecord]:
 @given(record_streams(), st.sampled_from([0, 1, 2, 4096]))
 def test_renderer_writes_the_reference_bytes(stream: list[audit.AuditRecord], size: int) -> None:
     # Tiny memos evict all the time; 0 remembers nothing; 4096 hits on every repeat.
-    renderer = audit.AuditRenderer(answers_size=size, dates_size=size)
+    renderer = audit.AuditRenderer(answers_size=size, dates_size=size, endpoints_size=size)
     for record in stream:
         assert renderer.render(record) == reference_line(record)
 
@@ -140,6 +139,7 @@ def test_typical_records_hit_the_memos() -> None:
         assert renderer.render(record) == reference_line(record)
     memos = renderer.memos()
     assert (memos["answers"].stats.misses, memos["answers"].stats.hits) == (1, 2)
+    assert (memos["endpoints"].stats.misses, memos["endpoints"].stats.hits) == (1, 2)
     assert len(memos["dates"]) == 6  # three seconds now, three a TTL on
 
 
@@ -193,18 +193,18 @@ def test_answers_in_a_list_are_rendered_not_remembered() -> None:
 
 def test_fast_takes_every_field_with_the_same_defaults() -> None:
     parameters = inspect.signature(audit.AuditRecord.fast).parameters
-    assert list(parameters) == [f.name for f in fields(audit.AuditRecord)]
+    assert list(parameters) == list(audit.AuditRecord._fields)
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters.values())
+    defaults = audit.AuditRecord._field_defaults
     assert {name: p.default for name, p in parameters.items()} == {
-        f.name: inspect.Parameter.empty if f.default is MISSING else f.default
-        for f in fields(audit.AuditRecord)}
+        name: defaults.get(name, inspect.Parameter.empty) for name in audit.AuditRecord._fields}
 
 
 @PROPERTY
 @given(audit_records([]), st.binary(max_size=8), st.one_of(st.none(), st.binary(max_size=8)))
 def test_fast_builds_the_record_the_constructor_builds(
         record: audit.AuditRecord, query: bytes, response: bytes | None) -> None:
-    values = {f.name: getattr(record, f.name) for f in fields(audit.AuditRecord)}
+    values = record._asdict()
     values.update(query_message=query, response_message=response)
     fast = audit.AuditRecord.fast(**values)
     assert type(fast) is audit.AuditRecord
