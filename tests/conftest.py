@@ -28,6 +28,13 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         require(os.geteuid() == 0, "needs root (tier-3 test: BPF, netns, tc)")
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Leave /run as found: the leftovers ledger directory goes once it is empty."""
+    if os.geteuid() == 0:
+        from tests.datapath import leftovers
+
+        leftovers.tidy()
+
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
     """Async tests run on uvloop, the loop the agent runs on in production."""

@@ -2,10 +2,11 @@
 
 Every namespace and bpffs mount these tests make is written to a ledger under LEDGER_DIR named
 after the pytest process (``<pid>.ledger``) before it is made, and struck off once it is gone.
-A run that ends normally leaves an empty ledger and deletes it; a SIGTERM is turned into
-KeyboardInterrupt so that fixtures still tear down; after a SIGKILL the next run's ``sweep()``
-deletes the namespaces and unmounts the bpffs of every ledger whose process is dead. Ledgers of
-live processes (a concurrent run) are never touched, and nothing is swept by name pattern.
+A run that ends normally leaves an empty ledger and deletes it, and at the end of the session
+the emptied directory (``tidy``); a SIGTERM is turned into KeyboardInterrupt so that fixtures
+still tear down; after a SIGKILL the next run's ``sweep()`` deletes the namespaces and unmounts
+the bpffs of every ledger whose process is dead. Ledgers of live processes (a concurrent run)
+are never touched, and nothing is swept by name pattern.
 """
 
 from __future__ import annotations
@@ -34,9 +35,15 @@ def _alive(pid: int) -> bool:
 
 def record(kind: str, name: str) -> None:
     """Note a ``netns`` or ``mount`` about to be made by this process."""
-    LEDGER_DIR.mkdir(parents=True, exist_ok=True)
-    with _ledger().open("a") as f:
-        f.write(f"{kind} {name}\n")
+    for attempt in range(2):
+        LEDGER_DIR.mkdir(parents=True, exist_ok=True)
+        try:
+            with _ledger().open("a") as f:
+                f.write(f"{kind} {name}\n")
+            return
+        except FileNotFoundError:  # a concurrent run's tidy() removed the empty directory
+            if attempt:
+                raise
 
 
 def strike(kind: str, name: str) -> None:
@@ -57,6 +64,16 @@ def _remove(kind: str, name: str) -> None:
         subprocess.run(["umount", name], check=False, capture_output=True)
         with contextlib.suppress(OSError):
             os.rmdir(name)
+
+
+def tidy() -> None:
+    """Remove the ledger directory, and its parent, once they are empty: a run that ended
+    normally leaves nothing in /run. A concurrent run's ledger keeps them (rmdir fails)."""
+    for directory in (LEDGER_DIR, LEDGER_DIR.parent):
+        try:
+            directory.rmdir()
+        except OSError:  # not empty, or already gone
+            return
 
 
 def sweep() -> list[str]:
