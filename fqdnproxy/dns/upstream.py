@@ -125,13 +125,19 @@ class _Pending:
 
 
 def question_key(query: wire.Query, data: bytes) -> bytes:
-    """The query's question section, lowercased: what a genuine answer must echo.
+    """The query's question section with its name lowercased: what a genuine answer must echo.
 
     Comparing raw bytes is exact and cheap: the question is the first name in the message, so
     it can never be compressed, and DNS names compare case-insensitively in ASCII only
-    (RFC 4343), which is what ``bytes.lower`` does.
+    (RFC 4343), which is what ``bytes.lower`` does. Type and class are compared as they are:
+    lowercasing their bytes would take type 97 for 65 (HTTPS), 0x61 for 0x41.
     """
-    return data[wire.HEADER_SIZE:query.question_end].lower()
+    return _question_section_key(data[wire.HEADER_SIZE:query.question_end])
+
+
+def _question_section_key(section: bytes) -> bytes:
+    """A question section (name, type, class) with the name's ASCII letters lowercased."""
+    return section[:-4].lower() + section[-4:]
 
 
 def check_answer(data: bytes, query_id: int, question: bytes) -> str | None:
@@ -146,7 +152,8 @@ def check_answer(data: bytes, query_id: int, question: bytes) -> str | None:
         return "unknown_id"
     if not data[2] & 0x80:
         return "not_response"
-    if data[4:6] != b"\x00\x01" or data[wire.HEADER_SIZE:end].lower() != question:
+    if (data[4:6] != b"\x00\x01"
+            or _question_section_key(data[wire.HEADER_SIZE:end]) != question):
         return "wrong_question"
     return None
 

@@ -39,6 +39,23 @@ def test_check_answer(answer: bytes, reason: str | None) -> None:
     assert upstream.check_answer(answer, 100, KEY) == reason
 
 
+def test_type_and_class_bytes_are_not_lowercased() -> None:
+    """HTTPS is type 65, 0x0041: "lowercased" it would be type 97, 0x0061. An answer to type 97
+    (or class 0x61) is not an answer to an HTTPS query, whatever the name's case."""
+    https = _query(qtype="HTTPS")
+    key = upstream.question_key(wire.parse_query(https), https)
+    assert key.endswith(b"\x00\x41\x00\x01")
+    assert upstream.check_answer(_answer("API.demo.test", "HTTPS"), 100, key) is None
+    assert upstream.check_answer(_answer(qtype="TYPE97"), 100, key) == "wrong_question"
+    other_class = bytearray(_answer(qtype="HTTPS"))
+    other_class[len(other_class) - 1] = 0x61  # the question's class, last in the message
+    assert upstream.check_answer(bytes(other_class), 100, key) == "wrong_question"
+    chaos = bytearray(_query(qtype="HTTPS"))
+    chaos[-1] = 0x41  # a query of class 0x41 wants class 0x41 back, not 0x61
+    chaos_key = upstream.question_key(wire.parse_query(bytes(chaos)), bytes(chaos))
+    assert upstream.check_answer(bytes(other_class), 100, chaos_key) == "wrong_question"
+
+
 def test_question_key_is_the_lowercased_question_section() -> None:
     data = _query("WwW.Example.COM", "AAAA")
     assert upstream.question_key(wire.parse_query(data), data) == \
