@@ -10,10 +10,13 @@ inventory lists as an enforced endpoint. Targets, one at a time, each with the s
     python floor             python_floor.py: a bare uvloop forwarder (no parsing, policy, audit),
                              what any Python proxy pays before doing its own work
     fqdnproxy                policy decided per query, every new answer written to the BPF map
+    fqdnproxy, 2 workers     the same with dns.workers 2 (README, "DNS workers")
     knot directly (again)    the upstream once more, at the fixed rate only (see ``run``)
 
-Each runs at full load (-c 4 -q 200) and at a fixed 5,000 queries per second (-Q 5000), with
-``-v`` so that percentiles come from every answered query's own latency.
+Each runs at full load (-c 8 -q 200) and at a fixed 5,000 queries per second (-Q 5000), with
+``-v`` so that percentiles come from every answered query's own latency. Eight client sockets,
+not fewer: the kernel hands each one's queries (one 4-tuple) to one DNS worker, and with four a
+run put all four on one worker one time in eight.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ from fqdnproxy.lab.agent_process import AgentProcess
 CLIENT_IP = "198.51.100.10"  # dnsperf's source: the policy's enforced endpoint
 PROXY_IP = "198.51.100.53"  # fqdnproxy listens here, port 53: the inventory's kube-dns service
 KNOT_PORT, DNSMASQ_PORT, NFTSET_PORT, FLOOR_PORT = 5300, 5301, 5302, 5303
-CLIENTS, OUTSTANDING, FIXED_QPS = 4, 200, 5000
+CLIENTS, OUTSTANDING, FIXED_QPS = 8, 200, 5000
+WORKERS = 2  # the DNS workers of the "fqdnproxy, 2 workers" rows
+WORKERS_TARGET = f"fqdnproxy, {WORKERS} workers"
 
 # Names added to a copy of demo.test for the mix: more distinct names, a CNAME to a 4-address
 # answer, and two names the policy refuses (one by an egressDeny, one in another zone).
@@ -257,6 +262,15 @@ def run(workdir: Path, bpffs: Path, seconds: int) -> dict[str, Any]:
             rows += _measure("fqdnproxy", PROXY_IP, 53, "fqdnproxy run " + " ".join(agent_args),
                              inputs, seconds, workdir)
         shutil.rmtree(bpffs / "dns", ignore_errors=True)
+        own = workdir / "workers"  # its own state directory: no snapshot of the run before
+        own.mkdir(exist_ok=True)
+        agent_args = proxy_args(inputs, own, bpffs / "dns-workers", KNOT_PORT,
+                                ("--dns-workers", str(WORKERS)))
+        with AgentProcess(agent_args, start_timeout=60) as agent:
+            agent.wait_for(f"[worker {WORKERS - 1}]: forwarding to")
+            rows += _measure(WORKERS_TARGET, PROXY_IP, 53,
+                             "fqdnproxy run " + " ".join(agent_args), inputs, seconds, workdir)
+        shutil.rmtree(bpffs / "dns-workers", ignore_errors=True)
         # The added p99 is a difference of two tails measured minutes apart. A stall of the
         # machine during the upstream's run raises its tail only (once to 1.78 ms against its
         # usual 0.06, making fqdnproxy's added latency -1.3 ms), so the upstream's fixed-rate

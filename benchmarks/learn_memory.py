@@ -110,9 +110,17 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _processes(pid: int) -> list[int]:
+    """``pid`` and its children (an agent's DNS workers)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True,
+                         check=False).stdout  # exit status 1: no children
+    return [pid, *(int(child) for child in out.split())]
+
+
 def agent_pass(workdir: Path, bpffs: Path, names: int, inputs: dict[str, Path],
-               datapath: bool, allow_max: int = 0) -> dict[str, Any]:
-    """One agent, one dnsperf pass over the first ``names`` names; the figures of that pass."""
+               datapath: bool, allow_max: int = 0, workers: int = 1) -> dict[str, Any]:
+    """One agent (``workers`` DNS workers), one dnsperf pass over the first ``names`` names;
+    the figures of that pass (CPU and RSS summed over the workers)."""
     queries = workdir / f"learn-queries-{names}.txt"
     queries.write_text("".join(f"n{n}.learn.test A\n" for n in range(names)))
     pin_dir = bpffs / ("learn" if datapath else "unused")
@@ -122,6 +130,9 @@ def agent_pass(workdir: Path, bpffs: Path, names: int, inputs: dict[str, Path],
     # Each pass has its own state directory: the cache-only agent must not restore the datapath
     # agent's snapshot (1M entries) before learning the same names again.
     own = workdir / ("pass-datapath" if datapath else "pass-cache-only")
+    if workers > 1:
+        own, pin_dir = own.with_name(f"{own.name}-workers"), pin_dir.with_name(f"{pin_dir.name}-workers")
+        extra += ("--dns-workers", str(workers))
     own.mkdir(exist_ok=True)
     args = dns_compare.proxy_args(inputs, own, pin_dir, dns_compare.KNOT_PORT, extra)
     if not datapath:
@@ -130,6 +141,9 @@ def agent_pass(workdir: Path, bpffs: Path, names: int, inputs: dict[str, Path],
         args += ["--datapath-allow-max", str(allow_max)]
     samples: list[tuple[float, float]] = []
     with AgentProcess(args, start_timeout=60) as agent:
+        if workers > 1:
+            agent.wait_for(f"[worker {workers - 1}]: forwarding to")
+        processes = _processes(agent.pid)
         stop = threading.Event()
 
         def sample() -> None:
@@ -141,10 +155,11 @@ def agent_pass(workdir: Path, bpffs: Path, names: int, inputs: dict[str, Path],
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         command = ["dnsperf", "-s", dns_compare.PROXY_IP, "-p", "53", "-a", dns_compare.CLIENT_IP,
-                   "-d", str(queries), "-n", "1", "-c", "4", "-q", "200", "-t", "5"]
-        cpu_before = _cpu_s(agent.pid)
+                   "-d", str(queries), "-n", "1", "-c", str(dns_compare.CLIENTS), "-q", "200",
+                   "-t", "5"]
+        cpu_before = sum(map(_cpu_s, processes))
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        cpu_s = _cpu_s(agent.pid) - cpu_before  # the pass's share, sampler scrapes included
+        cpu_s = sum(map(_cpu_s, processes)) - cpu_before  # the pass's share, scrapes included
         stop.set()
         sampler.join()
         time.sleep(1)  # let the last answers' writes finish before counting
@@ -155,7 +170,8 @@ def agent_pass(workdir: Path, bpffs: Path, names: int, inputs: dict[str, Path],
             "qps": float(re.search(r"Queries per second:\s+([\d.]+)", out).group(1)),
             "lost": int(re.search(r"Queries lost:\s+(\d+)", out).group(1)),
             "rcodes": rcodes.group(1) if rcodes else "", "datapath": datapath, "agent_cpu_s": cpu_s,
-            "cache_entries": _metric("fqdnproxy_cache_entries"), "rss_mb": _rss_mb(agent.pid),
+            "cache_entries": _metric("fqdnproxy_cache_entries"),
+            "rss_mb": sum(map(_rss_mb, processes)), "workers": workers,
         }
         if len(samples) >= 2:
             peak = max((b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(samples, samples[1:]))
@@ -207,6 +223,12 @@ def run(workdir: Path, bpffs: Path, names: int, map_entries: int) -> dict[str, A
         data["with_datapath"] = agent_pass(workdir, bpffs, dp_names, inputs, datapath=True,
                                            allow_max=capacity)
         data["cache_only"] = agent_pass(workdir, bpffs, names, inputs, datapath=False)
+        data["with_workers"] = agent_pass(workdir, bpffs, dp_names, inputs, datapath=True,
+                                          allow_max=capacity, workers=dns_compare.WORKERS)
+    w = data["with_workers"]
+    data["workers_learned_per_s"] = w["map_entries"] / w["run_s"] if w.get("map_entries") else None
+    data["workers_cpu_us_per_entry"] = (w["agent_cpu_s"] / w["map_entries"] * 1e6
+                                        if w.get("map_entries") else None)
     d = data["with_datapath"]
     data["learned_per_s"] = d["map_entries"] / d["run_s"] if d.get("map_entries") else None
     # The agent's one thread is what limits the pass, and other load on the machine moves the
@@ -240,6 +262,17 @@ def sections(data: dict[str, Any]) -> list[dict[str, Any]]:
         (f"kernel memory of all maps, allow maps sized and filled to {f['entries']:,} /32s (MB, memlock)",
          f["memlock_mb"]),
     ]
+    w = data.get("with_workers")
+    if w:
+        n = w["workers"]
+        rows += [
+            ((f"dns.workers {n}: learned entries/s, end to end (entries in all {n} workers' maps "
+              "/ dnsperf run time)"), data["workers_learned_per_s"]),
+            (f"dns.workers {n}: CPU per learned entry (µs: all workers' CPU / entries)",
+             data["workers_cpu_us_per_entry"]),
+            (f"dns.workers {n}: allow-map entries after the pass; RSS of all workers (MB)",
+             f"{w.get('map_entries') or 0:,}; {w['rss_mb']:,.0f}"),
+        ]
     text = (f"One dnsperf pass (`{d['command']}`) over {data['datapath_names']:,} distinct names of "
             f"learn.test, {data['ips_per_name']} distinct IPv4 addresses each (TTL 1 h), through fqdnproxy "
             f"with policy and the datapath, its allow maps sized for the pass with datapath.allow_max "
@@ -247,8 +280,10 @@ def sections(data: dict[str, Any]) -> list[dict[str, Any]]:
             "cache and what bcc and LLVM, which compiled the program, leave in the process. Then the "
             f"same {data['names']:,} names through an agent without the datapath, for the RSS of the "
             "cache alone; then a datapath alone, loaded with allow_max set to the size below and "
-            "filled, for the kernel memory at that size. Agent flags: see latest.json "
-            "(learn.with_datapath.agent).")
+            "filled, for the kernel memory at that size. Last, the first pass again with "
+            f"dns.workers {dns_compare.WORKERS} (each worker learns what the kernel hands it into its "
+            "own map). Agent flags: see latest.json (learn.with_datapath.agent, "
+            "learn.with_workers.agent).")
     return [{"title": "Learning end to end, agent and map memory", "text": text,
              "headers": ["figure", "value"], "rows": rows,
              "command": "sudo .venv/bin/python benchmarks/run.py --only learn"}]

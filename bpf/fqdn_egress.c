@@ -19,7 +19,7 @@
  *   5. ICMP control messages (errors, echo replies,
  *      IPv6 neighbour discovery and MLD)             -> pass (PASS_ICMP_CONTROL)
  *   6. flow in `ct` and not idle                     -> pass (PASS_ESTABLISHED)
- *   7. `allow_exact` (/32, /128) then `allow` (LPM):
+ *   7. `allow_exact` (/32, /128; with DNS workers, each worker's) then `allow` (LPM):
  *      unexpired and port+protocol match             -> pass, record the flow in `ct`
  *      (a TCP SYN without ACK tries 7 before 6: same verdict, the likelier hit paid first)
  *   8. destination is a DNS target (the proxy)       -> pass (PASS_DNS), not recorded
@@ -258,6 +258,39 @@ BPF_TABLE_PINNED("lpm_trie", struct allow_key, struct allow_value, allow, FQDN_A
                  PIN("allow"), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", struct exact_key, struct allow_value, allow_exact, FQDN_ALLOW_MAX,
                  PIN("allow_exact"), BPF_F_NO_PREALLOC);
+/* DNS workers (the agent's dns.workers): each worker process keeps its own FQDN cache and writes
+ * its own exact map, so no two processes ever write one key. Worker 0's is allow_exact, worker
+ * k's allow_exact_k; an address any worker learned for the endpoint admits the flow (judge). */
+#ifndef FQDN_WORKERS
+#define FQDN_WORKERS 1
+#endif
+#if FQDN_WORKERS < 1 || FQDN_WORKERS > 8
+#error "FQDN_WORKERS must be 1 to 8"
+#endif
+#define WORKER_EXACT(k)                                                                        \
+    BPF_TABLE_PINNED("hash", struct exact_key, struct allow_value, allow_exact_##k,             \
+                     FQDN_ALLOW_MAX, PIN("allow_exact_" #k), BPF_F_NO_PREALLOC)
+#if FQDN_WORKERS > 1
+WORKER_EXACT(1);
+#endif
+#if FQDN_WORKERS > 2
+WORKER_EXACT(2);
+#endif
+#if FQDN_WORKERS > 3
+WORKER_EXACT(3);
+#endif
+#if FQDN_WORKERS > 4
+WORKER_EXACT(4);
+#endif
+#if FQDN_WORKERS > 5
+WORKER_EXACT(5);
+#endif
+#if FQDN_WORKERS > 6
+WORKER_EXACT(6);
+#endif
+#if FQDN_WORKERS > 7
+WORKER_EXACT(7);
+#endif
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_value, ct, FQDN_CT_MAX, PIN("ct"));
 BPF_TABLE_PINNED("percpu_array", u32, u64, counters, FQDN_ENDPOINTS_MAX * REASON_MAX,
                  PIN("counters"));
@@ -582,23 +615,63 @@ static __always_inline int ranges_admit(struct allow_value *v, struct flow *f)
     return 0;
 }
 
-/* Returns REASON_PASS_ALLOWED or the drop reason. The exact entry is tried first; when it is
- * expired or its ports do not match, the covering CIDR entry in the trie still applies, so a
- * learned /32 never narrows a broader static rule. */
+/* Whether an exact entry (NULL: none) admits the flow; if not, what it says against it, into
+ * `reason`: PORT (the address is known, not that port) over EXPIRED over NO_ENTRY. */
+static __always_inline int exact_admits(struct allow_value *v, struct flow *f, u64 now,
+                                        u32 *reason)
+{
+    if (!v)
+        return 0;
+    if (expired(v->expiry_ns, now)) {
+        if (*reason == REASON_DROP_NO_ENTRY)
+            *reason = REASON_DROP_EXPIRED;
+        return 0;
+    }
+    if (ranges_admit(v, f))
+        return 1;
+    *reason = REASON_DROP_PORT;
+    return 0;
+}
+
+/* Returns REASON_PASS_ALLOWED or the drop reason. The exact entries are tried first (every DNS
+ * worker's); when they are missing, expired or their ports do not match, the covering CIDR entry
+ * in the trie still applies, so a learned /32 never narrows a broader static rule. */
 static __always_inline u32 judge(u32 endpoint_id, struct flow *f, u64 now)
 {
     u32 reason = REASON_DROP_NO_ENTRY;
+    struct allow_value *v;
     struct exact_key ek FQDN_KEY_ALIGNED;
     put_head_addr_key(&ek, endpoint_id, f->daddr);
-    struct allow_value *v = allow_exact.lookup(&ek);
-    if (v) {
-        if (expired(v->expiry_ns, now))
-            reason = REASON_DROP_EXPIRED;
-        else if (ranges_admit(v, f))
-            return REASON_PASS_ALLOWED;
-        else
-            reason = REASON_DROP_PORT;
-    }
+    if (exact_admits(allow_exact.lookup(&ek), f, now, &reason))
+        return REASON_PASS_ALLOWED;
+#if FQDN_WORKERS > 1 /* written out: bcc rewrites map calls outside macros only */
+    if (exact_admits(allow_exact_1.lookup(&ek), f, now, &reason))
+        return REASON_PASS_ALLOWED;
+#endif
+#if FQDN_WORKERS > 2
+    if (exact_admits(allow_exact_2.lookup(&ek), f, now, &reason))
+        return REASON_PASS_ALLOWED;
+#endif
+#if FQDN_WORKERS > 3
+    if (exact_admits(allow_exact_3.lookup(&ek), f, now, &reason))
+        return REASON_PASS_ALLOWED;
+#endif
+#if FQDN_WORKERS > 4
+    if (exact_admits(allow_exact_4.lookup(&ek), f, now, &reason))
+        return REASON_PASS_ALLOWED;
+#endif
+#if FQDN_WORKERS > 5
+    if (exact_admits(allow_exact_5.lookup(&ek), f, now, &reason))
+        return REASON_PASS_ALLOWED;
+#endif
+#if FQDN_WORKERS > 6
+    if (exact_admits(allow_exact_6.lookup(&ek), f, now, &reason))
+        return REASON_PASS_ALLOWED;
+#endif
+#if FQDN_WORKERS > 7
+    if (exact_admits(allow_exact_7.lookup(&ek), f, now, &reason))
+        return REASON_PASS_ALLOWED;
+#endif
 
     struct allow_key lk FQDN_KEY_ALIGNED;
     u64 *lw = (u64 *)&lk;

@@ -48,7 +48,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ from typing import Any
 from fqdnproxy import config as config_mod
 from fqdnproxy import exchange, handover
 from fqdnproxy import proxy as proxy_mod
-from fqdnproxy import ratelimit
+from fqdnproxy import ratelimit, workers
 from fqdnproxy.admin import commands as admin_commands
 from fqdnproxy.admin.server import AdminServer
 from fqdnproxy.config import AgentConfig
@@ -128,6 +128,18 @@ class Agent:
     _interrupts: int = 0
     _gc_recorder: gc_pauses.GcPauseRecorder | None = None
     _snapshot_failures: int = 0  # in a row, since the last snapshot written
+    # DNS workers (workers.py): this process's index (0: the primary), the command line the
+    # primary starts the others with, and its supervisor of them.
+    worker: int = 0
+    worker_command: Sequence[str] = ()
+    supervisor: workers.WorkerSupervisor | None = None
+    _worker_lock: int | None = None  # a worker's lock fd, held while it runs (workers.claim)
+
+    @property
+    def primary(self) -> bool:
+        """Whether this process owns the node-wide parts: program, policy maps, redirection,
+        drop events, admin socket, handover (workers.py)."""
+        return self.worker == 0
 
     # --- start ----------------------------------------------------------------------------------
 
@@ -143,8 +155,13 @@ class Agent:
             Path(self._handover_path()))
         # First, so /healthz answers and /readyz says what startup waits for; when taking over
         # from a running agent, its port is free only after the handover.
+        if cfg.dns.workers > 1 and self.primary and not self.worker_command:
+            raise StartupError("dns.workers above 1 needs the agent started by `fqdnproxy run`: "
+                               "its workers run the same command")
         if cfg.metrics.listen and not successor:
             self._start_metrics_endpoint(cfg.metrics.listen)
+        if not self.primary:
+            await self._claim_worker()
         sink = self._open_audit()
         decider: exchange.Decider = exchange.AllowAll()
         learner: exchange.Learner = exchange.NoLearning()
@@ -158,8 +175,9 @@ class Agent:
             self.learner = self._build_learner()
             inherited = await self._take_over() if successor else None
             self._restore()
-            if self.datapath is not None:
+            if self.datapath is not None and self.primary:
                 await self._sync_datapath(initial=True)
+                # Node-wide (the program's counters, the maps): exported by the primary alone.
                 self.metrics.watch_datapath(self.datapath)
             policy_decider = PolicyDecider(lambda: self._store().current)
             self.metrics.watch_decisions(policy_decider)
@@ -192,7 +210,8 @@ class Agent:
         listen = [config_mod.parse_address(text, allow_port_zero=True) for text in cfg.dns.listen]
         self.server = server_mod.DnsServer(listen, handler.handle, self.metrics,
                                            _listener_limits(cfg), tcp=cfg.dns.tcp,
-                                           transparent=transparent, receive=handler.receive)
+                                           transparent=transparent, receive=handler.receive,
+                                           reuse_port=cfg.dns.workers > 1)
         try:
             await self.server.start(inherited)
         except OSError as error:
@@ -200,12 +219,14 @@ class Agent:
             raise StartupError(f"dns.listen: cannot bind: {error}") from None
         own.update((ip, port) for protocol, ip, port in self.server.bound
                    if "transparent" not in protocol)
-        if transparent:
+        if transparent and self.primary:
             await self._redirect()
-        await self._start_admin()
-        self._offer_handover()
+        if self.primary:
+            await self._start_admin()
+            self._offer_handover()
         self._start_background_tasks()
         self.readiness.mark("listeners")
+        self._start_workers()
         for protocol, ip, port in self.server.bound:
             log.info("listening on %s %s", protocol, _format(ip, port))
         log.info("forwarding to %s", ", ".join(cfg.upstream.servers))
@@ -225,6 +246,8 @@ class Agent:
         return inherited
 
     def _handover_path(self) -> str:
+        if not self.primary:
+            return ""  # the primary hands over; it stops its workers and the successor starts its own
         state = self.config.state
         if state.handover_socket != "auto":
             return state.handover_socket
@@ -273,8 +296,12 @@ class Agent:
                           if cfg.audit.path else audit_mod.NullAuditSink())
         except OSError as error:
             raise StartupError(f"audit.path {cfg.audit.path!r}: {error.strerror}") from None
+        # A dnstap file is one Frame Streams stream: each worker writes its own (path.worker-k).
+        dnstap_file = cfg.audit.dnstap_file
+        if dnstap_file and not self.primary:
+            dnstap_file = f"{dnstap_file}.worker-{self.worker}"
         try:
-            self.dnstap = dnstap_mod.open_sinks(cfg.audit.dnstap_file, cfg.audit.dnstap_socket,
+            self.dnstap = dnstap_mod.open_sinks(dnstap_file, cfg.audit.dnstap_socket,
                                                 cfg.audit.queue_size, self.metrics)
         except OSError as error:
             self.audit.close()
@@ -310,8 +337,12 @@ class Agent:
 
         pin_dir = Path(self.config.datapath.pin_dir)
         options = egress.Options(allow_max=self.config.datapath.allow_max,
-                                 ct_max=self.config.datapath.ct_max)
+                                 ct_max=self.config.datapath.ct_max,
+                                 workers=self.config.dns.workers)
+        if not self.primary:
+            return self._open_worker_datapath(pin_dir, options)
         _warn_pinned_sizes(pin_dir, options)
+        self._unpin_extra_worker_maps(pin_dir)
         try:
             datapath = None if successor else egress.EgressDatapath.open(pin_dir, options)
         except FqdnproxyError as error:
@@ -328,6 +359,29 @@ class Agent:
             raise StartupError(f"datapath: {error}") from None
         self._count_program_load(time.monotonic() - started)
         return datapath
+
+    def _open_worker_datapath(self, pin_dir: Path, options: Any) -> Any:
+        """A worker's datapath: the pins the primary made, this worker's exact map; never
+        the program (the primary's)."""
+        from fqdnproxy.datapath import egress
+
+        try:
+            datapath = egress.EgressDatapath.open(pin_dir, options, worker=self.worker)
+        except FqdnproxyError as error:
+            raise StartupError(f"datapath: {error}") from None
+        if datapath is None:
+            raise StartupError(f"datapath: nothing is pinned in {pin_dir} (the primary makes "
+                               "the maps before it starts its workers)")
+        return datapath
+
+    def _unpin_extra_worker_maps(self, pin_dir: Path) -> None:
+        from fqdnproxy.datapath import pinned
+
+        if pin_dir.is_dir():
+            removed = pinned.unpin_worker_maps(pin_dir, self.config.dns.workers)
+            if removed:
+                log.info("datapath: unpinned %s, left by an agent with more DNS workers",
+                         ", ".join(removed))
 
     async def _load_program(self) -> None:
         """Compile and load this build's program off the loop, then swap it in on every
@@ -357,6 +411,7 @@ class Agent:
         log.info("datapath: program compiled in %.1f s and attached to %s, replacing the "
                  "previous one", seconds, ", ".join(map(str, attached)) or "no interface yet")
         self._program_ready()
+        self._start_workers()
 
     def _count_program_load(self, seconds: float) -> None:
         self.metrics.child(self.metrics.program_loads, "ok").inc()
@@ -365,7 +420,7 @@ class Agent:
     def _program_ready(self) -> None:
         """This agent's program is attached (or there is no datapath): ready on that count,
         and its drop events go to the audit log."""
-        if self.datapath is not None:
+        if self.datapath is not None and self.primary:
             self.metrics.program_attached.set(1)
             cfg = self.config.audit
             limiter = drops_mod.DropLimiter(cfg.drop_rate, cfg.drop_burst, self._identity)
@@ -387,7 +442,7 @@ class Agent:
         """Snapshot first (names), then whatever the pinned map holds beyond it (restored)."""
         assert self.cache is not None and self.learner is not None
         now = kernel_now_ns()
-        loaded = snapshot.load(Path(self.config.state.directory), now, snapshot.boot_id())
+        loaded = snapshot.load(self._snapshot_directory(), now, snapshot.boot_id())
         restored = self.cache.restore(loaded.entries)
         log.info("cache: %d entries restored from the snapshot (%s; %d had expired)",
                  restored, loaded.note or "ok", loaded.expired)
@@ -481,6 +536,8 @@ class Agent:
 
     def _start_metrics_endpoint(self, listen: str) -> None:
         ip, port = config_mod.parse_address(listen, allow_port_zero=True)
+        if port:
+            port += self.worker  # worker k serves its own metrics on the next ports
         try:
             self.http = http_mod.MetricsHttpServer(ip, port, self.metrics.registry,
                                                    self.readiness).start()
@@ -536,7 +593,7 @@ class Agent:
             return result.status
         for warning in result.warnings:
             log.warning("policy: %s", warning)
-        if self.datapath is not None:
+        if self.datapath is not None and self.primary:
             await self._sync_datapath()
         if self._redirected is not None:
             await self._redirect()
@@ -575,7 +632,7 @@ class Agent:
         try:
             document = await asyncio.to_thread(
                 snapshot.encode, entries, kernel_now_ns(), time.time(), snapshot.boot_id())
-            await asyncio.to_thread(snapshot.save, Path(self.config.state.directory), document)
+            await asyncio.to_thread(snapshot.save, self._snapshot_directory(), document)
         except snapshot.SnapshotError as error:
             self.metrics.child(self.metrics.snapshots, "error").inc()
             self._snapshot_failures += 1
@@ -603,8 +660,14 @@ class Agent:
             # First: pods' DNS goes straight to their servers again. Not when the agent stops
             # for its supervisor to restart it: the next agent takes the redirection over.
             await self._unredirect()
+        if self.server is not None and not self.primary:
+            # The other workers (a successor's, after a handover) share the listeners: let go
+            # of them without dropping what this one holds.
+            await self.server.leave(self.config.upstream.timeout)
         if self.server is not None:
             await self.server.stop()
+        if self.supervisor is not None:
+            await self.supervisor.stop()
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -660,6 +723,32 @@ class Agent:
             raise self.failure
 
     # --- helpers ---------------------------------------------------------------------------------
+
+    def _start_workers(self) -> None:
+        """The primary starts its DNS workers once its listeners are bound and its program is
+        loaded (a worker opens its exact map, which the program's compile pins)."""
+        if (not self.primary or self.config.dns.workers <= 1 or self.supervisor is not None
+                or self.stopping.is_set() or self.server is None or not self.server.bound
+                or (self.datapath is not None and not self.datapath.program_loaded)):
+            return
+        supervisor = self.supervisor = workers.WorkerSupervisor(
+            self.config.dns.workers, self.worker_command,
+            restarted=lambda index: self.metrics.worker_restarts.labels(str(index)).inc())
+        self.metrics.workers_running.set_function(lambda: len(supervisor.pids()))
+        supervisor.start()
+
+    async def _claim_worker(self) -> None:
+        """Be worker k alone: wait for a predecessor worker k (a handover's) to exit."""
+        try:
+            self._worker_lock = await asyncio.to_thread(
+                workers.claim, self._snapshot_directory(), self.config.upstream.timeout + 30.0)
+        except workers.WorkerError as error:
+            raise StartupError(str(error)) from None
+
+    def _snapshot_directory(self) -> Path:
+        """Where this process's cache snapshot lives: worker k's in a directory of its own."""
+        directory = Path(self.config.state.directory)
+        return directory if self.primary else directory / f"worker-{self.worker}"
 
     def _store(self) -> PolicyStore:
         assert self.store is not None
@@ -746,14 +835,22 @@ def _warn_pinned_sizes(pin_dir: Path, options: Any) -> None:
                     name, actual, configured, pin_dir)
 
 
-def run(cfg: AgentConfig) -> None:
-    """Run the agent until SIGTERM or SIGINT, on uvloop.
+def run(cfg: AgentConfig, command: Sequence[str] = ()) -> None:
+    """Run the agent until SIGTERM or SIGINT, on uvloop. ``command`` is the command line that
+    started it, which runs its DNS workers (``dns.workers``; workers.py).
 
     Raises:
         StartupError: the agent could not start.
     """
     import uvloop
 
+    try:
+        worker = workers.this_worker()
+        if worker:
+            workers.die_with_parent()
+    except workers.WorkerError as error:
+        raise StartupError(str(error)) from None
     logging.basicConfig(level=cfg.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvloop.run(Agent(cfg).serve())
+                        format=f"%(asctime)s %(levelname)s %(name)s"
+                               f"{f' [worker {worker}]' if worker else ''}: %(message)s")
+    uvloop.run(Agent(cfg, worker=worker, worker_command=command).serve())

@@ -61,7 +61,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"fqdnproxy: invalid configuration: {error}", file=sys.stderr)
         return ExitCode.USAGE
     try:
-        agent.run(agent_config)
+        # The same command line starts the agent's DNS workers (dns.workers; workers.py).
+        agent.run(agent_config, [sys.executable, "-m", "fqdnproxy", *sys.argv[1:]])
     except agent.StartupError as error:
         print(f"fqdnproxy: could not start: {error}", file=sys.stderr)
         return ExitCode.STARTUP_FAILURE
@@ -234,12 +235,14 @@ def _add_map_commands(commands: argparse._SubParsersAction) -> None:  # type: ig
 
 
 def _map_dump(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from fqdnproxy.datapath import allowmap, dump, pinned
 
     if args.socket:
         return _ask(args, "map.dump", {}, lambda rows: dump.render_rows(rows, "table"))
-    with pinned.PinnedMaps.open(args.pin_dir) as maps:
-        print(dump.render(maps.dump(), allowmap.kernel_now_ns(), args.output))
+    entries = pinned.dump_every_worker(Path(args.pin_dir))  # every DNS worker's entries
+    print(dump.render(entries, allowmap.kernel_now_ns(), args.output))
     return ExitCode.OK
 
 

@@ -24,6 +24,7 @@ from typing import Any, Literal, Mapping, get_args, get_origin
 
 import yaml
 
+from fqdnproxy.datapath.maps import MAX_WORKERS
 from fqdnproxy.errors import FqdnproxyError
 
 
@@ -53,6 +54,11 @@ class DnsConfig:
     transparent_port: int = _opt(
         15353, "local port (on 127.0.0.1 and ::1) that TPROXY hands redirected DNS to", "port")
     tcp: bool = _opt(True, "also listen on TCP (clients retry truncated answers over TCP)")
+    workers: int = _opt(
+        1, f"processes answering DNS (1 to {MAX_WORKERS}): all listen on dns.listen and the "
+        "kernel spreads queries over them; each keeps its own cache and allow map, which the "
+        "datapath reads together, and serves its metrics on metrics.listen's port + its index "
+        "(README, \"DNS workers\")", "processes")
     max_in_flight: int = _opt(
         10_000, "queries being handled at once; past it new queries get SERVFAIL", "queries"
     )
@@ -402,6 +408,23 @@ def _seconds(value: Any, where: str) -> float:
     raise ConfigError(f"{where}: expected a duration such as 2, 2s or 500ms, got {value!r}")
 
 
+def _validate_workers(config: AgentConfig, origin: str) -> None:
+    workers = config.dns.workers
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"{origin}: dns.workers: must be 1..{MAX_WORKERS}, got {workers}")
+    if workers == 1:
+        return
+    for index, text in enumerate(config.dns.listen):
+        if parse_address(text, allow_port_zero=True)[1] == 0:
+            raise ConfigError(f"{origin}: dns.listen[{index}]: port 0 with dns.workers above 1: "
+                              "each worker would get a port of its own; name the port")
+    if config.metrics.listen:
+        port = parse_address(config.metrics.listen, allow_port_zero=True)[1]
+        if port and port + workers - 1 > 65535:
+            raise ConfigError(f"{origin}: metrics.listen: workers serve metrics on the port + "
+                              f"their index, up to {port + workers - 1}: past 65535")
+
+
 def _validate(config: AgentConfig, origin: str) -> None:
     def check_address(text: str, where: str, listening: bool = False) -> None:
         try:
@@ -462,6 +485,7 @@ def _validate(config: AgentConfig, origin: str) -> None:
                           f"{config.dns.parse_cache_size}")
     if not 0 < config.dns.transparent_port < 65536:
         raise ConfigError(f"{origin}: dns.transparent_port: must be 1..65535")
+    _validate_workers(config, origin)
     if config.dns.mode == "transparent" and not config.policy.directory:
         raise ConfigError(f"{origin}: dns.mode transparent needs policy.directory and "
                           "policy.endpoints: the inventory says whose DNS to redirect")

@@ -148,3 +148,31 @@ def test_the_added_p99_is_judged_over_the_lower_of_the_upstreams_runs() -> None:
     p99 = judged["p99 added over knot at 5000 q/s"]
     assert p99.figure == "+0.471 ms (knot's p99: 0.046 ms, the lower of its 2 runs)"
     assert p99.met
+
+
+def test_throughput_and_learning_targets_name_both_configurations() -> None:
+    """With the DNS-workers rows in the run, a target line gives one process's figure and the
+    workers' figure, and the verdict is the better one's (a deployment picks dns.workers)."""
+    from benchmarks import run
+
+    rows = [_dns_row(t, "5000 q/s", 5000, 0.1)
+            for t in ("knot directly", "fqdnproxy", "fqdnproxy, 2 workers")]
+    rows += [_dns_row("dnsmasq", "full", 40_000.0, 1.0),
+             _dns_row("dnsmasq + nftset", "full", 15_000.0, 1.0),
+             _dns_row("fqdnproxy", "full", 16_000.0, 1.0),
+             _dns_row("fqdnproxy, 2 workers", "full", 44_000.0, 1.0)]
+    learn = {"learned_per_s": 90_000.0, "workers_learned_per_s": 130_000.0, "rss_mb": 171.0,
+             "rss_cache_entries": 10**6, "rss_datapath_mb": 210.0, "rss_datapath_entries": 10**6}
+    judged = {t.name: t for t in run.targets({"dns": {"rows": rows}, "learn": learn})}
+    plain = judged["fqdnproxy q/s vs dnsmasq forwarding, no loss"]
+    assert plain.figure == ("1 process: 16,000 q/s = 0.40x, 0 lost; "
+                            "2 workers: 44,000 q/s = 1.10x, 0 lost")
+    assert plain.met
+    assert not judged["fqdnproxy q/s vs dnsmasq + nftset, no loss"].met  # 2.93x at best
+    learned = judged["learned (endpoint, IP) entries per second, end to end"]
+    assert learned.figure == "1 process: 90,000/s; 2 workers: 130,000/s" and learned.met
+    # A run without the workers rows (an older results file) is judged as before.
+    single = [r for r in rows if not r["target"].endswith("workers")]
+    line = {t.name: t for t in run.targets({"dns": {"rows": single}})}[
+        "fqdnproxy q/s vs dnsmasq forwarding, no loss"]
+    assert line.figure == "1 process: 16,000 q/s = 0.40x, 0 lost" and not line.met

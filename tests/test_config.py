@@ -41,6 +41,11 @@ def test_yaml_file_and_flags_on_top(tmp_path: Path) -> None:
     ("log_level: loud\n", "log_level: 'loud'"),
     ("- a list\n", "top level must be a mapping"),
     ("dns: [\n", "not valid YAML"),
+    ("dns:\n  workers: 0\n", "dns.workers: must be 1..8, got 0"),
+    ("dns:\n  workers: 9\n", "dns.workers: must be 1..8, got 9"),
+    ("dns:\n  workers: 2\n  listen: ['127.0.0.1:53', '127.0.0.1:0']\n",
+     "dns.listen[1]: port 0 with dns.workers above 1"),
+    ("dns:\n  workers: 3\nmetrics:\n  listen: '127.0.0.1:65534'\n", "up to 65536: past 65535"),
 ])
 def test_invalid_configuration_names_the_key(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "agent.yaml"

@@ -53,6 +53,7 @@ class Options:
     ct_other_idle_s: float = 60  # same for UDP, ICMP and the rest
     events_per_sec: int = 100  # drop events per endpoint and second; the rest are counted
     record_flows: bool = True  # False only for benchmarks of the allow-lookup path
+    workers: int = 1  # DNS workers: each has an exact allow map the program reads (maps.py)
 
     def cflags(self, pin_dir: Path) -> list[str]:
         """The -D flags for these options and ``pin_dir``."""
@@ -65,6 +66,7 @@ class Options:
             f"-DFQDN_CT_OTHER_IDLE_NS={int(self.ct_other_idle_s * NS)}ULL",
             f"-DFQDN_EVENTS_PER_SEC={self.events_per_sec}",
             f"-DFQDN_RECORD_FLOWS={int(self.record_flows)}",
+            f"-DFQDN_WORKERS={self.workers}",
         ]
 
 
@@ -183,11 +185,12 @@ class EgressDatapath:
     @classmethod
     def open(cls, pin_dir: str | Path = pinned.DEFAULT_PIN_DIR, options: Options = Options(),
              *, bpffs: Path = DEFAULT_BPFFS, metrics: DatapathMetrics | None = None,
-             source: Path = SOURCE) -> EgressDatapath | None:
+             source: Path = SOURCE, worker: int = 0) -> EgressDatapath | None:
         """Reuse the maps pinned in ``pin_dir`` without compiling; None unless all are pinned.
 
         The result has no program until ``load_program()``; until then the program attached
-        by an earlier process (if any) enforces from these maps.
+        by an earlier process (if any) enforces from these maps. ``worker``: the DNS worker
+        whose exact allow map this instance writes (a worker process never loads the program).
 
         Raises:
             LayoutMismatch: the pins have another layout; the message says how to migrate.
@@ -197,7 +200,7 @@ class EgressDatapath:
         ensure_bpffs(pin_dir, bpffs)
         if not all((pin_dir / name).exists() for name in maps.PINNED_MAPS):
             return None  # a first start (or pins half made): load() lets bcc create them
-        maps_ = pinned.PinnedMaps.open(pin_dir)  # checks the layout
+        maps_ = pinned.PinnedMaps.open(pin_dir, worker)  # checks the layout
         if maps_.layout_version() == 0:
             maps_.stamp_layout()
         return cls(maps_, options, metrics or DatapathMetrics(), source=source)

@@ -21,6 +21,20 @@ PINNED_MAPS = (
     "meta", "endpoints", "ifaces", "allow", "allow_exact", "ct", "counters", "slots", "dns_targets",
 )
 
+# DNS workers (dns.workers) past the first each write an exact allow map of their own, made when
+# the program is compiled for that many workers (FQDN_WORKERS); worker 0's is ``allow_exact``.
+MAX_WORKERS = 8
+
+
+def exact_map(worker: int) -> str:
+    """The pinned name of DNS worker ``worker``'s exact allow map."""
+    if not 0 <= worker < MAX_WORKERS:
+        raise ValueError(f"worker {worker} is not 0 to {MAX_WORKERS - 1}")
+    return "allow_exact" if worker == 0 else f"allow_exact_{worker}"
+
+
+WORKER_EXACT_MAPS = tuple(exact_map(worker) for worker in range(1, MAX_WORKERS))
+
 V4_MAPPED = b"\x00" * 10 + b"\xff\xff"  # the prefix of an IPv4 address in the maps
 
 
@@ -200,6 +214,7 @@ MAP_SIZES: dict[str, tuple[int, int]] = {
     "slots": (4, ctypes.sizeof(SlotValue)),
     "dns_targets": (ctypes.sizeof(DnsKey), 4),
 }
+MAP_SIZES.update(dict.fromkeys(WORKER_EXACT_MAPS, MAP_SIZES["allow_exact"]))
 
 
 def layout_cflags() -> list[str]:

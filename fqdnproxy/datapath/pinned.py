@@ -62,7 +62,7 @@ def check_layout(pin_dir: Path) -> bool:
     """
     problems = []
     found = False
-    for name in maps.PINNED_MAPS:
+    for name in (*maps.PINNED_MAPS, *maps.WORKER_EXACT_MAPS):
         path = pin_dir / name
         if not path.exists():
             continue
@@ -88,6 +88,34 @@ def check_layout(pin_dir: Path) -> bool:
     if problems:
         raise LayoutMismatch(pin_dir, problems)
     return found
+
+
+def unpin_worker_maps(pin_dir: Path, workers: int) -> list[str]:
+    """Unpin the exact maps of DNS workers ``workers`` and beyond; return their names.
+
+    An agent that ran more workers left them: a program compiled for ``workers`` never reads
+    them (a program still attached keeps its own references until it is replaced), and were
+    they left pinned, a later agent with more workers would find their stale entries.
+    """
+    removed = []
+    for name in maps.WORKER_EXACT_MAPS[max(workers - 1, 0):]:
+        path = pin_dir / name
+        if path.exists():
+            path.unlink()
+            removed.append(name)
+    return removed
+
+
+def dump_every_worker(pin_dir: Path) -> list[AllowEntry]:
+    """``PinnedMaps.dump`` over the exact maps of every DNS worker pinned in ``pin_dir``, the
+    trie once: what the program judges by (an address two workers learned is listed twice)."""
+    with PinnedMaps.open(pin_dir) as primary:
+        entries = primary.dump()
+    for index in range(1, maps.MAX_WORKERS):
+        if (pin_dir / maps.exact_map(index)).exists():
+            with PinnedMaps.open(pin_dir, index) as worker:
+                entries += [entry for entry in worker.dump() if entry.key.exact]
+    return sorted(entries, key=lambda e: e.key.sort_key)
 
 
 def size_differences(pin_dir: Path, wanted: dict[str, int]) -> list[tuple[str, int, int]]:
@@ -213,31 +241,39 @@ def _pack_hosts(batch: HostAllows) -> tuple[bytes, bytes]:
 class PinnedMaps:
     """File descriptors of the maps pinned in one directory, with typed operations."""
 
-    def __init__(self, pin_dir: Path, fds: dict[str, int]) -> None:
+    def __init__(self, pin_dir: Path, fds: dict[str, int], worker: int = 0) -> None:
         self.pin_dir = pin_dir
         self._fds = fds
         self._ncpus = possible_cpus()
+        # The exact map this process writes, reads and collects: its DNS worker's (maps.py).
+        self._exact = maps.exact_map(worker)
 
     @classmethod
-    def open(cls, pin_dir: str | Path = DEFAULT_PIN_DIR) -> PinnedMaps:
-        """Open the maps pinned in ``pin_dir`` after checking their layout.
+    def open(cls, pin_dir: str | Path = DEFAULT_PIN_DIR, worker: int = 0) -> PinnedMaps:
+        """Open the maps pinned in ``pin_dir`` after checking their layout; the exact allow map
+        is DNS worker ``worker``'s (``maps.exact_map``).
 
         Raises:
-            NotPinned: nothing is pinned there.
+            NotPinned: nothing is pinned there, or not the worker's exact map (the program was
+                compiled for fewer workers).
             LayoutMismatch: the pins come from another layout version.
         """
         pin_dir = Path(pin_dir)
         if not check_layout(pin_dir):
             raise NotPinned(f"no fqdnproxy maps are pinned in {pin_dir}")
+        exact = maps.exact_map(worker)
+        if not (pin_dir / exact).exists():
+            raise NotPinned(f"no {exact} is pinned in {pin_dir}: the program attached was "
+                            f"compiled for fewer than {worker + 1} DNS workers")
         fds = {}
         try:
-            for name in maps.PINNED_MAPS:
+            for name in dict.fromkeys((*maps.PINNED_MAPS, exact)):
                 fds[name] = bpfsys.obj_get(pin_dir / name)
         except bpfsys.BpfError:
             for fd in fds.values():
                 os.close(fd)
             raise
-        return cls(pin_dir, fds)
+        return cls(pin_dir, fds, worker)
 
     def close(self) -> None:
         """Close the fds (the maps stay pinned)."""
@@ -389,28 +425,29 @@ class PinnedMaps:
             else:
                 chunk_keys = keys[start * _EXACT_KEY_SIZE:(start + count) * _EXACT_KEY_SIZE]
                 chunk_values = values[start * _VALUE_SIZE:(start + count) * _VALUE_SIZE]
-            bpfsys.update_batch(self._fds["allow_exact"], chunk_keys, chunk_values, count)
+            bpfsys.update_batch(self._fds[self._exact], chunk_keys, chunk_values, count)
 
     def delete_allows(self, keys: Sequence[AllowKey]) -> int:
         """Delete entries by key; return how many existed."""
         deleted = 0
         for key in keys:
-            name = "allow_exact" if key.exact else "allow"
+            name = self._exact if key.exact else "allow"
             deleted += bpfsys.delete(self._fds[name], maps.encode_key(key))
         return deleted
 
     def lookup(self, key: AllowKey) -> AllowEntry | None:
         """Return the entry stored under exactly ``key`` (no prefix matching)."""
         value = maps.AllowValue()
-        name = "allow_exact" if key.exact else "allow"
+        name = self._exact if key.exact else "allow"
         if not bpfsys.lookup(self._fds[name], maps.encode_key(key), value):
             return None
         return maps.decode_value(key, value)
 
     def dump(self) -> list[AllowEntry]:
-        """Every allow entry of both maps, ordered by endpoint, family, address, prefix."""
+        """Every allow entry of this worker's exact map and of the trie, ordered by endpoint,
+        family, address, prefix."""
         out = []
-        for name, key_type in (("allow_exact", maps.ExactKey), ("allow", maps.AllowKeyC)):
+        for name, key_type in ((self._exact, maps.ExactKey), ("allow", maps.AllowKeyC)):
             for raw_key, raw_value in self._iterate(name, key_type, maps.AllowValue):
                 key = maps.decode_key(raw_key)
                 out.append(maps.decode_value(key, raw_value))
@@ -423,7 +460,7 @@ class PinnedMaps:
         maps with batched lookups, so call it from a worker thread, not the event loop.
         """
         deleted = 0
-        for name, key_type in (("allow_exact", maps.ExactKey), ("allow", maps.AllowKeyC)):
+        for name, key_type in ((self._exact, maps.ExactKey), ("allow", maps.AllowKeyC)):
             doomed = []
             for raw_key, raw_value in self._iterate(name, key_type, maps.AllowValue):
                 if raw_value.expiry_ns and raw_value.expiry_ns <= now_ns:

@@ -14,10 +14,12 @@ timeout for a partial message that stalls, and a cap on queries one connection m
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import logging
 import socket
 import struct
+import termios
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -313,11 +315,17 @@ class _TcpListener:
 # --- the server -------------------------------------------------------------------------------
 
 
-def _bind(ip: str, port: int, kind: int, transparent: bool = False) -> socket.socket:
+def _bind(ip: str, port: int, kind: int, transparent: bool = False,
+          reuse_port: bool = False) -> socket.socket:
+    """A non-blocking socket bound to ``ip``:``port``; ``reuse_port``: one of a group of DNS
+    worker processes on that address, among which the kernel spreads datagrams and
+    connections (by a hash of the 4-tuple)."""
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     sock = socket.socket(family, kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if transparent:
             transparent_mod.make_transparent(sock, family)
         if family == socket.AF_INET6:
@@ -331,7 +339,8 @@ def _bind(ip: str, port: int, kind: int, transparent: bool = False) -> socket.so
     return sock
 
 
-def _bind_pair(ip: str, port: int, tcp: bool) -> tuple[socket.socket, socket.socket | None]:
+def _bind_pair(ip: str, port: int, tcp: bool,
+               reuse_port: bool = False) -> tuple[socket.socket, socket.socket | None]:
     """A UDP socket and (if ``tcp``) a TCP socket on the same ``ip``:``port``.
 
     Port 0 lets the kernel pick the UDP port, which TCP then takes too; if that port happens to
@@ -339,11 +348,11 @@ def _bind_pair(ip: str, port: int, tcp: bool) -> tuple[socket.socket, socket.soc
     """
     attempts = 20 if port == 0 else 1
     for attempt in range(attempts):
-        udp = _bind(ip, port, socket.SOCK_DGRAM)
+        udp = _bind(ip, port, socket.SOCK_DGRAM, reuse_port=reuse_port)
         if not tcp:
             return udp, None
         try:
-            return udp, _bind(ip, udp.getsockname()[1], socket.SOCK_STREAM)
+            return udp, _bind(ip, udp.getsockname()[1], socket.SOCK_STREAM, reuse_port=reuse_port)
         except OSError:
             udp.close()
             if attempt == attempts - 1:
@@ -369,6 +378,11 @@ class ListenerSocket:
 RECEIVE_BUFFER = 4 * 1024 * 1024  # bytes; absorbs bursts and a restart's handover pause
 
 
+def _queued(sock: socket.socket) -> int:
+    """Bytes of the next datagram waiting unread in a UDP socket (0: none)."""
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0])
+
+
 def _grow_receive_buffer(sock: socket.socket) -> None:
     """Raise a UDP listener's receive buffer (past rmem_max as root), best effort."""
     for option in (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF):
@@ -385,15 +399,17 @@ class DnsServer:
     def __init__(self, addresses: list[tuple[str, int]], handle: QueryHandler, metrics: Metrics,
                  limits: ListenerLimits, tcp: bool = True,
                  transparent: list[tuple[str, int]] | None = None,
-                 receive: QueryReceiver | None = None) -> None:
+                 receive: QueryReceiver | None = None, reuse_port: bool = False) -> None:
         """``handle`` serves TCP, and UDP too unless ``receive`` (the same handler's callback
-        entry, ``Proxy.receive``) is given."""
+        entry, ``Proxy.receive``) is given. ``reuse_port``: every listener joins a group of
+        DNS worker processes on its address (``dns.workers``)."""
         self._addresses = addresses
         self._transparent = transparent or []  # TPROXY targets (see dns/transparent.py)
         self._handle = handle
         self._metrics = metrics
         self._limits = limits
         self._tcp = tcp
+        self._reuse_port = reuse_port
         self.tasks = TaskSet()
         self._receive = receive or self.tasks.receiver(handle)
         self.bound: list[tuple[str, str, int]] = []  # (protocol, ip, port) actually bound
@@ -419,7 +435,7 @@ class DnsServer:
                 for sock in (udp_sock, tcp_sock):
                     if sock is not None:
                         sock.close()
-                udp_sock, tcp_sock = _bind_pair(ip, port, self._tcp)
+                udp_sock, tcp_sock = _bind_pair(ip, port, self._tcp, self._reuse_port)
             _grow_receive_buffer(udp_sock)
             port = udp_sock.getsockname()[1]
             local = (ip, port)
@@ -449,7 +465,8 @@ class DnsServer:
     async def _start_transparent(self, ip: str, port: int) -> None:
         """UDP and TCP listeners for queries TPROXY redirects to ``ip``:``port``."""
         udp_sock = (self._take("udp-transparent", ip, port)
-                    or _bind(ip, port, socket.SOCK_DGRAM, transparent=True))
+                    or _bind(ip, port, socket.SOCK_DGRAM, transparent=True,
+                             reuse_port=self._reuse_port))
         transparent_mod.report_original_destination(udp_sock)
         _grow_receive_buffer(udp_sock)
         udp = transparent_mod.TransparentUdpListener(udp_sock, self._receive, self.tasks,
@@ -459,7 +476,8 @@ class DnsServer:
         self.bound.append(("udp-transparent", ip, port))
         self.sockets.append(ListenerSocket("udp-transparent", ip, port, udp_sock))
         tcp_sock = (self._take("tcp-transparent", ip, port)
-                    or _bind(ip, port, socket.SOCK_STREAM, transparent=True))
+                    or _bind(ip, port, socket.SOCK_STREAM, transparent=True,
+                             reuse_port=self._reuse_port))
         # An accepted connection's local address is the original destination: the listener
         # reads it per connection instead of using its own address.
         listener = _TcpListener(self._handle, self.tasks, None, self._limits, self._metrics)
@@ -490,6 +508,30 @@ class DnsServer:
         for close in self._closers:
             close()
         self._closers = []
+
+    async def leave(self, timeout: float, poll: float = 0.001) -> None:
+        """Stop as one of several processes sharing the listeners (``reuse_port``): close
+        them at a moment this process holds no query, then finish nothing more.
+
+        Closing takes a socket out of the kernel's group, which then hands new queries to the
+        other processes; what was queued in it is lost. So the sockets stay open, read and
+        answered, until a poll finds no datagram waiting in them or held here and no query in
+        flight, at most ``timeout`` seconds; they are closed in that same step, so only a
+        datagram arriving in those microseconds can be lost (the client retries it).
+        """
+        deadline = time.monotonic() + timeout
+        while ((self.tasks.receiving or self.tasks.tasks
+                or any(_queued(s.sock) for s in self.sockets if s.kind.startswith("udp")))
+               and time.monotonic() < deadline):
+            await asyncio.sleep(poll)
+        if self._timer_task is not None:
+            self._timer_task.cancel()
+            self._timer_task = None
+        for close in self._closers:
+            close()
+        self._closers = []
+        for udp in self._udp_listeners:
+            udp.close()
 
     async def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the queries in flight to finish."""

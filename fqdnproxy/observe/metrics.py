@@ -68,6 +68,12 @@ class Metrics:
             "cap was reached", registry=r)
         self.in_flight = Gauge(
             "fqdnproxy_queries_in_flight", "Queries being handled now", registry=r)
+        self.workers_running = Gauge(
+            "fqdnproxy_dns_workers_running", "DNS worker processes the primary runs now, "
+            "itself not counted (dns.workers - 1 when all are up)", registry=r)
+        self.worker_restarts = Counter(
+            "fqdnproxy_dns_worker_restarts", "DNS worker processes started again after they "
+            "exited, by worker index", ["worker"], registry=r)
         self.upstream_latency = LoopHistogram(
             "fqdnproxy_upstream_latency_seconds", "Time from forwarding a query to its answer",
             ["protocol"], registry=r, buckets=LATENCY_BUCKETS)

@@ -11,6 +11,7 @@ their link, as their DNS server), knot serves demo.test in the world namespace.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -164,3 +165,55 @@ def test_cname_chain_reload_reevaluation_and_endpoint_removal(
         assert all(entry["endpoint"] != 1 for entry in json.loads(dump.stdout))
     finally:
         agent.stop()
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True,
+                         check=False)  # exit status 1: no children
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_dns_workers_share_queries_and_enforce_as_one(
+        world: tuple[topo.Topology, knot.KnotServer], pin_dir: Path, tmp_path: Path) -> None:
+    """dns.workers 2: the kernel spreads a pod's lookups over both processes, each learns into
+    its own exact map, and the program admits what either learned; a worker that dies is
+    started again, and none outlives the agent."""
+    t, _ = world
+    api = "tcp,203.0.113.10,8080"
+    agent = _agent(t, pin_dir, tmp_path, ("--dns-workers", "2")).start()
+    try:
+        agent.wait_for("[worker 1]: forwarding to")
+        [worker] = _children(agent.pid)
+        assert t.probe(t.pod1, api) == [False]
+        # dig takes a new source port each time; the kernel hashes the 4-tuple to a worker, so
+        # 40 lookups all landing on one of two workers would happen once in 2**39 runs.
+        for _ in range(40):
+            assert _dig(t.pod1, "api.demo.test") == ("NOERROR", ["203.0.113.10"])
+        learned = {}
+        for index in (0, 1):
+            with pinned.PinnedMaps.open(pin_dir, index) as maps:
+                learned[index] = [(e.endpoint_id, str(e.network)) for e in maps.dump()
+                                  if e.expiry_ns]  # not the static rules (worker 0's map)
+        assert learned == {0: [(1, "203.0.113.10/32")], 1: [(1, "203.0.113.10/32")]}
+        dump = subprocess.run(  # the operator's view: every worker's entries
+            [".venv/bin/fqdnproxy", "map", "dump", "--pin-dir", str(pin_dir), "--output", "json"],
+            capture_output=True, text=True, check=True)
+        assert [e["prefix"] for e in json.loads(dump.stdout) if e["endpoint"] == 1].count(
+            "203.0.113.10/32") == 2
+        assert t.probe(t.pod1, api, "tcp,203.0.113.10,8081") == [True, False]
+        assert t.probe(t.pod2, api) == [False]
+        assert _dig(t.pod1, "db.demo.test")[0] == "REFUSED"
+
+        os.kill(worker, signal.SIGKILL)
+        agent.wait_for("worker 1 (pid")  # "... exited with status -9; starting it again"
+        assert _wait_for(lambda: len(_children(agent.pid)) == 1 and
+                         _children(agent.pid) != [worker], timeout=30)
+        restarted = _children(agent.pid)[0]
+        assert t.probe(t.pod1, api) == [True]  # its map outlived it, as the pins do the agent's
+        for _ in range(10):
+            assert _dig(t.pod1, "www.demo.test")[0] == "NOERROR"
+    finally:
+        agent.stop()
+    assert not Path(f"/proc/{restarted}").exists()  # stopped with the agent
+    for line in (tmp_path / "audit.jsonl").read_text().splitlines():
+        validate(json.loads(line))

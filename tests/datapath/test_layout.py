@@ -14,7 +14,9 @@ pytestmark = pytest.mark.root
 
 def test_codecs_match_the_c_structs(pin_dir: Path, bpffs: Path) -> None:
     # load() passes maps.layout_cflags(): the C's _Static_asserts check every size and offset.
-    with egress.EgressDatapath.load(pin_dir, egress.Options(), bpffs=bpffs) as dp:
+    # Compiled for the most DNS workers, so every worker's exact map exists too.
+    options = egress.Options(workers=maps.MAX_WORKERS)
+    with egress.EgressDatapath.load(pin_dir, options, bpffs=bpffs) as dp:
         for name, (key_size, value_size) in maps.MAP_SIZES.items():
             table = dp._program.bpf[name.encode()]  # type: ignore[union-attr]
             assert ctypes.sizeof(table.Key) == key_size, name

@@ -122,3 +122,38 @@ def test_a_retired_slot_is_zeroed_for_another_id(pin_dir: Path, bpffs: Path) -> 
         assert dp.counters()[3] == {Reason.PASS_UNENFORCED: 1}
         with pytest.raises(bpfsys.BpfError):
             dp.set_endpoint("192.0.2.12", 4, EndpointFlags.NONE)  # both slots in use
+
+
+def test_an_address_any_dns_worker_learned_admits(pin_dir: Path, bpffs: Path) -> None:
+    """With dns.workers 3 the program reads three exact maps, one per worker process: an entry
+    in any of them admits the flow, and a refusal names the most telling reason among them (a
+    known address on another port, PORT, over an expired one)."""
+    tcp443, tcp80 = (PortRange(6, 443, 443),), (PortRange(6, 80, 80),)
+    other = "203.0.113.6"
+    options = egress.Options(workers=3, record_flows=False)  # every packet judged afresh
+    with egress.EgressDatapath.load(pin_dir, options, bpffs=bpffs) as dp:
+        dp.set_endpoint(SRC, 7, EndpointFlags.ENFORCE_EGRESS)
+        assert sorted(p.name for p in pin_dir.glob("allow_exact*")) == [
+            "allow_exact", "allow_exact_1", "allow_exact_2"]
+        with pinned.PinnedMaps.open(pin_dir, 1) as worker1, \
+                pinned.PinnedMaps.open(pin_dir, 2) as worker2:
+            now = kernel_now_ns()
+            worker2.upsert_allows([AllowEntry(7, DST, now + 10**10, tcp443)])
+            assert dp.lookup(AllowEntry(7, DST, 0).key) is None  # not in worker 0's map
+            assert run(dp, packet(SRC, DST, 443)) == OK
+            assert run(dp, packet(SRC, DST, 444)) == SHOT
+            worker1.upsert_allows([AllowEntry(7, other, now - 1, tcp443)])  # expired
+            assert run(dp, packet(SRC, other, 443)) == SHOT
+            worker2.upsert_allows([AllowEntry(7, other, now + 10**10, tcp80)])
+            assert run(dp, packet(SRC, other, 443)) == SHOT
+            assert run(dp, packet(SRC, other, 80)) == OK
+            assert worker2.dump() == [AllowEntry(7, DST, now + 10**10, tcp443),
+                                      AllowEntry(7, other, now + 10**10, tcp80)]
+        counts = dp.counters()[7]
+        assert counts[Reason.PASS_ALLOWED] == 2
+        assert (counts[Reason.DROP_PORT], counts[Reason.DROP_EXPIRED]) == (2, 1)
+        with pytest.raises(pinned.NotPinned, match="fewer than 4 DNS workers"):
+            pinned.PinnedMaps.open(pin_dir, 3)
+    # An agent started with one worker fewer unpins the map the program no longer reads.
+    assert pinned.unpin_worker_maps(pin_dir, 2) == ["allow_exact_2"]
+    assert not (pin_dir / "allow_exact_2").exists() and (pin_dir / "allow_exact_1").exists()

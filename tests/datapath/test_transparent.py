@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fqdnproxy.datapath import pinned
 from fqdnproxy.lab import knot
 from fqdnproxy.lab.agent_process import AgentProcess
 from tests.conftest import require
@@ -42,8 +43,13 @@ endpoints:
 
 
 @pytest.fixture
-def lab(tmp_path: Path, pin_dir: Path) -> Iterator[tuple[topo.Topology, Path]]:
+def lab(request: pytest.FixtureRequest, tmp_path: Path,
+        pin_dir: Path) -> Iterator[tuple[topo.Topology, Path]]:
+    """The agent in transparent mode, with ``request.param`` DNS workers (default 1)."""
     require(Path("/usr/sbin/knotd").exists(), "knotd not installed (run `make bootstrap`)")
+    workers = getattr(request, "param", 1)
+    # Workers share fixed ports (SO_REUSEPORT); one process may let the kernel pick.
+    listen = "127.0.0.1:0" if workers == 1 else "127.0.0.1:5399"
     with topo.topology(ports=ECHO_PORTS) as t:
         with knot.KnotServer(listen=[(DNS4, 53), (DNS6, 53)], netns=t.world, workers=1):
             (tmp_path / "policies").mkdir()
@@ -51,7 +57,8 @@ def lab(tmp_path: Path, pin_dir: Path) -> Iterator[tuple[topo.Topology, Path]]:
             (tmp_path / "endpoints.yaml").write_text(INVENTORY)
             agent = AgentProcess([
                 "--dns-mode", "transparent",
-                "--dns-listen", "127.0.0.1:0",
+                "--dns-listen", listen,
+                "--dns-workers", str(workers),
                 "--upstream-servers", f"{DNS4}:53",
                 "--policy-directory", str(tmp_path / "policies"),
                 "--policy-endpoints", str(tmp_path / "endpoints.yaml"),
@@ -63,6 +70,8 @@ def lab(tmp_path: Path, pin_dir: Path) -> Iterator[tuple[topo.Topology, Path]]:
                 "--metrics-listen", "",
             ], netns=t.node, start_timeout=120)
             with agent:
+                if workers > 1:
+                    agent.wait_for(f"[worker {workers - 1}]: forwarding to")
                 yield t, tmp_path
             assert agent.stop() == 0
             # A clean stop removes the redirection: table, fwmark rules, local routes.
@@ -89,8 +98,11 @@ def _audit(path: Path) -> list[dict[str, object]]:
     return records
 
 
+@pytest.mark.parametrize("lab", [1, 2], indirect=True, ids=["one-process", "two-workers"])
 def test_pods_query_their_server_and_the_answer_comes_from_it(
-        lab: tuple[topo.Topology, Path]) -> None:
+        lab: tuple[topo.Topology, Path], pin_dir: Path) -> None:
+    """Also with two DNS workers: TPROXY's socket lookup picks one of the listeners that share
+    the port, and the answer still comes from the server asked."""
     t, state = lab
     assert _dig(t.pod1, f"@{DNS4}", "api.demo.test", "A") == (
         "NOERROR", ["203.0.113.10"], f"{DNS4}#53")
@@ -104,6 +116,12 @@ def test_pods_query_their_server_and_the_answer_comes_from_it(
     servers = {(r["server"]["ip"], r["protocol"]) for r in records if r["server"]}
     assert {(DNS4, "udp"), (DNS4, "tcp"), (DNS6, "udp"), (DNS6, "tcp")} <= servers
     assert all(r["endpoint"]["name"] == "pod1" for r in records)
+    if (pin_dir / "allow_exact_1").exists():  # two workers: both take redirected queries
+        for _ in range(30):  # on one worker alone: once in 2**29 runs
+            assert _dig(t.pod1, f"@{DNS4}", "api.demo.test", "A")[0] == "NOERROR"
+        for index in (0, 1):
+            with pinned.PinnedMaps.open(pin_dir, index) as maps:
+                assert "203.0.113.10/32" in {str(e.network) for e in maps.dump() if e.expiry_ns}
 
 
 def test_no_way_around_the_proxy(lab: tuple[topo.Topology, Path], pin_dir: Path) -> None:
