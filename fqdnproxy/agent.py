@@ -36,6 +36,13 @@ and exits with status 3 so its supervisor restarts it; it leaves the redirection
 and the old program in place, so enforcement goes on and pods' DNS is never sent unjudged. On a
 first start (no pins) the agent compiles before it serves, as bcc creates the maps.
 
+DNS workers (``dns.workers`` > 1, workers.py). This process is worker 0, the primary; once its
+listeners are bound and its program loaded it starts the others, the same command line with
+``FQDNPROXY_WORKER=k``. An ``Agent`` with ``worker`` > 0 wires the same query path on the same
+listeners (SO_REUSEPORT) with its own cache and exact allow map, and leaves out what is
+node-wide: the program, the policy's kernel maps, the redirection, drop events, the admin socket
+and the handover (``primary``).
+
 Signals: SIGTERM or SIGINT stop cleanly (a second SIGINT forces exit); SIGHUP reopens the audit
 file for logrotate. A stop leaves the pinned maps and the attached program in place: enforcement
 and learned entries outlive the agent, and the next agent takes them over.
@@ -687,6 +694,9 @@ class Agent:
             self.datapath.close()  # pins and attached filters stay: enforcement goes on
         if self.http is not None:
             self.http.close()
+        if self._worker_lock is not None:
+            os.close(self._worker_lock)  # the next worker k may start
+            self._worker_lock = None
         log.info("stopped")
 
     def capture_signals(self) -> None:
