@@ -15,8 +15,8 @@ inventory lists as an enforced endpoint. Targets, one at a time, each with the s
 
 Each runs at full load (-c 8 -q 200) and at a fixed 5,000 queries per second (-Q 5000), with
 ``-v`` so that percentiles come from every answered query's own latency. Eight client sockets,
-not fewer: the kernel hands each one's queries (one 4-tuple) to one DNS worker, and with four a
-run put all four on one worker one time in eight.
+as a node's pods have many: the DNS workers' listeners spread each query at random
+(dns/reuseport.py), so the workers' share does not depend on them.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ def part_dns(ctx: dict[str, Any]) -> list[dict[str, Any]]:
         "the event loop cost before any work of our own); fqdnproxy runs with policy, the audit log to a file, metrics, the "
         "datapath on a private bpffs and the per-client rate limit off; \"fqdnproxy, "
         f"{dns_compare.WORKERS} workers\" is the same with dns.workers {dns_compare.WORKERS} (README, "
-        "\"DNS workers\"; the kernel spreads dnsperf's sockets over them by their ports). "
+        "\"DNS workers\"; the kernel hands each query to one of them at random). "
         "Ratios are to dnsmasq "
         "(no firewall) at the same load in the same run. knot runs at the fixed rate once more "
         "after fqdnproxy (\"again\"): the p99 fqdnproxy adds is taken over the lower of knot's two "

@@ -218,7 +218,7 @@ class Agent:
         self.server = server_mod.DnsServer(listen, handler.handle, self.metrics,
                                            _listener_limits(cfg), tcp=cfg.dns.tcp,
                                            transparent=transparent, receive=handler.receive,
-                                           reuse_port=cfg.dns.workers > 1)
+                                           workers=cfg.dns.workers)
         try:
             await self.server.start(inherited)
         except OSError as error:

@@ -4,8 +4,9 @@ supervisor that starts, restarts and stops the others.
 One Python process answers DNS on one core. With ``dns.workers`` N > 1 the agent (worker 0, the
 primary) runs N - 1 more processes of itself, worker 1 to N - 1, with the same command line and
 configuration. Every worker binds the same listeners with SO_REUSEPORT, so the kernel spreads
-queries over them (by a hash of source and destination address and port), and runs the whole
-query path: decide, forward, learn, release, audit, metrics.
+queries over them (at random per datagram, or by a hash of the 4-tuple under TPROXY:
+dns/reuseport.py), and runs the whole query path: decide, forward, learn, release, audit,
+metrics.
 
 What keeps them from stepping on each other: each worker keeps its own FQDN cache and writes
 its own exact allow map (``allow_exact`` for worker 0, ``allow_exact_k`` for worker k, pinned

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from fqdnproxy.dns import reuseport
 from fqdnproxy.dns import transparent as transparent_mod
 from fqdnproxy.exchange import Client, ReplyCallback
 from fqdnproxy.observe.metrics import Metrics
@@ -316,22 +317,24 @@ class _TcpListener:
 
 
 def _bind(ip: str, port: int, kind: int, transparent: bool = False,
-          reuse_port: bool = False) -> socket.socket:
-    """A non-blocking socket bound to ``ip``:``port``; ``reuse_port``: one of a group of DNS
-    worker processes on that address, among which the kernel spreads datagrams and
-    connections (by a hash of the 4-tuple)."""
+          workers: int = 1) -> socket.socket:
+    """A non-blocking socket bound to ``ip``:``port``; with ``workers`` > 1, one of the group
+    of DNS worker processes on that address, among which the kernel spreads datagrams and
+    connections (dns/reuseport.py)."""
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     sock = socket.socket(family, kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if workers > 1:
+            reuseport.share(sock)
         if transparent:
             transparent_mod.make_transparent(sock, family)
         if family == socket.AF_INET6:
             # [::]:53 and 0.0.0.0:53 are separate listeners, as configured.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((ip, port))
+        if workers > 1:
+            reuseport.spread(sock, workers)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -340,7 +343,7 @@ def _bind(ip: str, port: int, kind: int, transparent: bool = False,
 
 
 def _bind_pair(ip: str, port: int, tcp: bool,
-               reuse_port: bool = False) -> tuple[socket.socket, socket.socket | None]:
+               workers: int = 1) -> tuple[socket.socket, socket.socket | None]:
     """A UDP socket and (if ``tcp``) a TCP socket on the same ``ip``:``port``.
 
     Port 0 lets the kernel pick the UDP port, which TCP then takes too; if that port happens to
@@ -348,11 +351,11 @@ def _bind_pair(ip: str, port: int, tcp: bool,
     """
     attempts = 20 if port == 0 else 1
     for attempt in range(attempts):
-        udp = _bind(ip, port, socket.SOCK_DGRAM, reuse_port=reuse_port)
+        udp = _bind(ip, port, socket.SOCK_DGRAM, workers=workers)
         if not tcp:
             return udp, None
         try:
-            return udp, _bind(ip, udp.getsockname()[1], socket.SOCK_STREAM, reuse_port=reuse_port)
+            return udp, _bind(ip, udp.getsockname()[1], socket.SOCK_STREAM, workers=workers)
         except OSError:
             udp.close()
             if attempt == attempts - 1:
@@ -399,17 +402,17 @@ class DnsServer:
     def __init__(self, addresses: list[tuple[str, int]], handle: QueryHandler, metrics: Metrics,
                  limits: ListenerLimits, tcp: bool = True,
                  transparent: list[tuple[str, int]] | None = None,
-                 receive: QueryReceiver | None = None, reuse_port: bool = False) -> None:
+                 receive: QueryReceiver | None = None, workers: int = 1) -> None:
         """``handle`` serves TCP, and UDP too unless ``receive`` (the same handler's callback
-        entry, ``Proxy.receive``) is given. ``reuse_port``: every listener joins a group of
-        DNS worker processes on its address (``dns.workers``)."""
+        entry, ``Proxy.receive``) is given. ``workers`` > 1: every listener joins the group of
+        that many DNS worker processes on its address (``dns.workers``)."""
         self._addresses = addresses
         self._transparent = transparent or []  # TPROXY targets (see dns/transparent.py)
         self._handle = handle
         self._metrics = metrics
         self._limits = limits
         self._tcp = tcp
-        self._reuse_port = reuse_port
+        self._workers = workers
         self.tasks = TaskSet()
         self._receive = receive or self.tasks.receiver(handle)
         self.bound: list[tuple[str, str, int]] = []  # (protocol, ip, port) actually bound
@@ -435,7 +438,7 @@ class DnsServer:
                 for sock in (udp_sock, tcp_sock):
                     if sock is not None:
                         sock.close()
-                udp_sock, tcp_sock = _bind_pair(ip, port, self._tcp, self._reuse_port)
+                udp_sock, tcp_sock = _bind_pair(ip, port, self._tcp, self._workers)
             _grow_receive_buffer(udp_sock)
             port = udp_sock.getsockname()[1]
             local = (ip, port)
@@ -466,7 +469,7 @@ class DnsServer:
         """UDP and TCP listeners for queries TPROXY redirects to ``ip``:``port``."""
         udp_sock = (self._take("udp-transparent", ip, port)
                     or _bind(ip, port, socket.SOCK_DGRAM, transparent=True,
-                             reuse_port=self._reuse_port))
+                             workers=self._workers))
         transparent_mod.report_original_destination(udp_sock)
         _grow_receive_buffer(udp_sock)
         udp = transparent_mod.TransparentUdpListener(udp_sock, self._receive, self.tasks,
@@ -477,7 +480,7 @@ class DnsServer:
         self.sockets.append(ListenerSocket("udp-transparent", ip, port, udp_sock))
         tcp_sock = (self._take("tcp-transparent", ip, port)
                     or _bind(ip, port, socket.SOCK_STREAM, transparent=True,
-                             reuse_port=self._reuse_port))
+                             workers=self._workers))
         # An accepted connection's local address is the original destination: the listener
         # reads it per connection instead of using its own address.
         listener = _TcpListener(self._handle, self.tasks, None, self._limits, self._metrics)
@@ -510,7 +513,7 @@ class DnsServer:
         self._closers = []
 
     async def leave(self, timeout: float, poll: float = 0.001) -> None:
-        """Stop as one of several processes sharing the listeners (``reuse_port``): close
+        """Stop as one of several processes sharing the listeners (``workers``): close
         them at a moment this process holds no query, then finish nothing more.
 
         Closing takes a socket out of the kernel's group, which then hands new queries to the
