@@ -40,8 +40,8 @@ DNS workers (``dns.workers`` > 1, workers.py). This process is worker 0, the pri
 listeners are bound and its program loaded it starts the others, the same command line with
 ``FQDNPROXY_WORKER=k``. An ``Agent`` with ``worker`` > 0 wires the same query path on the same
 listeners (SO_REUSEPORT) with its own cache and exact allow map, and leaves out what is
-node-wide: the program, the policy's kernel maps, the redirection, drop events, the admin socket
-and the handover (``primary``).
+node-wide: the program, the policy's kernel maps, the redirection, drop events and the handover
+(``primary``). Each worker serves an admin socket of its own, which the primary's asks.
 
 Signals: SIGTERM or SIGINT stop cleanly (a second SIGINT forces exit); SIGHUP reopens the audit
 file for logrotate. A stop leaves the pinned maps and the attached program in place: enforcement
@@ -145,7 +145,7 @@ class Agent:
     @property
     def primary(self) -> bool:
         """Whether this process owns the node-wide parts: program, policy maps, redirection,
-        drop events, admin socket, handover (workers.py)."""
+        drop events, handover (workers.py)."""
         return self.worker == 0
 
     # --- start ----------------------------------------------------------------------------------
@@ -228,8 +228,8 @@ class Agent:
                    if "transparent" not in protocol)
         if transparent and self.primary:
             await self._redirect()
+        await self._start_admin()
         if self.primary:
-            await self._start_admin()
             self._offer_handover()
         self._start_background_tasks()
         self.readiness.mark("listeners")
@@ -554,10 +554,16 @@ class Agent:
                  _format(*self.http.address))
 
     async def _start_admin(self) -> None:
+        """The admin socket; worker k's is the primary's path + ``.worker-k``, and the primary
+        asks the workers' for what each holds alone (their caches: admin/commands.py)."""
         path = self.config.state.admin_socket
         if not path:
             return
-        self.admin = AdminServer(Path(path), admin_commands.handlers(self))
+        if not self.primary:
+            path = _worker_admin_socket(path, self.worker)
+        others = ([Path(_worker_admin_socket(self.config.state.admin_socket, k))
+                   for k in range(1, self.config.dns.workers)] if self.primary else [])
+        self.admin = AdminServer(Path(path), admin_commands.handlers(self, others))
         try:
             await self.admin.start()
         except OSError as error:
@@ -826,6 +832,11 @@ def _listener_limits(cfg: AgentConfig) -> server_mod.ListenerLimits:
         tcp_max_connections=d.tcp_max_connections, tcp_idle_timeout=d.tcp_idle_timeout,
         tcp_message_timeout=d.tcp_message_timeout,
         tcp_max_queries_per_connection=d.tcp_max_queries_per_connection)
+
+
+def _worker_admin_socket(path: str, worker: int) -> str:
+    """The admin socket of DNS worker ``worker`` beside the primary's ``path``."""
+    return f"{path}.worker-{worker}"
 
 
 def _format(ip: str, port: int) -> str:

@@ -17,8 +17,9 @@ the names one cache holds, as with one process. What the datapath allows is the 
 the workers learned, each under the current policy, until it expires.
 
 The primary alone owns what exists once per node: the program (compile, attach), the policy's
-kernel maps (endpoints, static rules, DNS targets), the TPROXY redirection, drop events, the
-admin socket and the handover to a successor. A worker loads the policy files and the inventory
+kernel maps (endpoints, static rules, DNS targets), the TPROXY redirection, drop events and
+the handover to a successor; its admin socket asks the workers' own (admin/commands.py) for what
+each holds alone. A worker loads the policy files and the inventory
 itself, reloads them on change and re-evaluates its own cache; restores its own snapshot
 (``state.directory``/worker-k) and map at start; serves /metrics on ``metrics.listen``'s port
 + k; and appends to the same audit log.

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
-from fqdnproxy.datapath import dump
+from fqdnproxy.admin import client
+from fqdnproxy.datapath import dump, pinned
 from fqdnproxy.datapath.allowmap import kernel_now_ns
 from fqdnproxy.endpoints import Endpoint
 from fqdnproxy.errors import FqdnproxyError
-from fqdnproxy.fqdn.cache import FqdnCache
+from fqdnproxy.fqdn.cache import RESTORED, FqdnCache
 from fqdnproxy.observe import datapath_metrics
 
 NS = 1_000_000_000
@@ -96,8 +98,25 @@ class AgentView(Protocol):
     last_reload: ReloadRecord | None
 
 
-def handlers(agent: AgentView) -> dict[str, Callable[[dict[str, Any]], Any]]:
-    """The admin API's commands, by name, over ``agent``'s components."""
+def handlers(agent: AgentView, workers: Sequence[Path] = ()
+             ) -> dict[str, Callable[[dict[str, Any]], Any]]:
+    """The admin API's commands, by name, over ``agent``'s components.
+
+    ``workers``: the admin sockets of the other DNS workers (workers.py), given to worker 0.
+    Each worker has its own cache and exact allow map, so ``cache list`` and ``cache clean``
+    ask every worker and merge what they say, and ``map dump`` reads every worker's map: an
+    operator's clean must reach every map that lets the endpoint out. A worker that does not
+    answer (restarting) fails the command, rather than leave its part silently out.
+    """
+
+    async def ask_workers(command: str, args: dict[str, Any]) -> list[Any]:
+        results = []
+        for path in workers:
+            try:
+                results.append(await asyncio.to_thread(client.call, path, command, args))
+            except client.AdminError as error:
+                raise AdminCommandError(f"DNS worker at {path}: {error}") from None
+        return results
 
     def registry() -> Any:
         return agent.store.current.registry if agent.store is not None else None
@@ -118,7 +137,10 @@ def handlers(agent: AgentView) -> dict[str, Callable[[dict[str, Any]], Any]]:
     async def map_dump_(args: dict[str, Any]) -> list[dict[str, Any]]:
         if agent.datapath is None:
             raise AdminCommandError("the datapath is not enabled (datapath.enabled)")
-        entries = await asyncio.to_thread(agent.datapath.dump)
+        if workers:
+            entries = await asyncio.to_thread(pinned.dump_every_worker, agent.datapath.maps.pin_dir)
+        else:
+            entries = await asyncio.to_thread(agent.datapath.dump)
         current = registry()
 
         def name(endpoint_id: int) -> str | None:
@@ -127,19 +149,24 @@ def handlers(agent: AgentView) -> dict[str, Callable[[dict[str, Any]], Any]]:
 
         return dump.rows(entries, kernel_now_ns(), name)
 
-    def cache_list_(args: dict[str, Any]) -> list[dict[str, Any]]:
+    async def cache_list_(args: dict[str, Any]) -> list[dict[str, Any]]:
         if agent.cache is None:
             return []
         current = registry()
-        return cache_list(agent.cache, current.by_id if current is not None else lambda i: None,
-                          kernel_now_ns(), args)
+        own = cache_list(agent.cache, current.by_id if current is not None else lambda i: None,
+                         kernel_now_ns(), args)
+        return merge_cache_rows([own, *await ask_workers("cache.list", args)])
 
-    def cache_clean_(args: dict[str, Any]) -> dict[str, int]:
+    async def cache_clean_(args: dict[str, Any]) -> dict[str, int]:
         if agent.cache is None or agent.store is None:
             raise AdminCommandError("no cache: the agent runs without policies")
         current = agent.store.current
-        return cache_clean(agent.cache, agent.learner, current.registry,
-                           lambda i: current.engine.for_id(i), args)
+        own = cache_clean(agent.cache, agent.learner, current.registry,
+                          lambda i: current.engine.for_id(i), args)
+        for other in await ask_workers("cache.clean", args):
+            for key, count in other.items():
+                own[key] = own.get(key, 0) + count
+        return own
 
     return {
         "status": status,
@@ -150,6 +177,26 @@ def handlers(agent: AgentView) -> dict[str, Callable[[dict[str, Any]], Any]]:
         "cache.list": cache_list_,
         "cache.clean": cache_clean_,
     }
+
+
+def merge_cache_rows(row_lists: Sequence[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """``cache_list`` rows of several DNS workers as one list: one row per (endpoint, name),
+    its IPs the union, its TTL and expiry the latest, its source a lookup's over "restored" if
+    any worker learned it by name."""
+    merged: dict[tuple[int, str], dict[str, Any]] = {}
+    for rows in row_lists:
+        for row in rows:
+            key = (row["endpoint_id"], row["name"])
+            seen = merged.get(key)
+            if seen is None:
+                merged[key] = {**row, "ips": list(row["ips"])}
+                continue
+            seen["ips"] = sorted(set(seen["ips"]) | set(row["ips"]))
+            if row["ttl"] > seen["ttl"]:
+                seen["ttl"], seen["expires"] = row["ttl"], row["expires"]
+            if seen["source"] == RESTORED:
+                seen["source"] = row["source"]
+    return sorted(merged.values(), key=lambda r: (r["endpoint"], r["name"]))
 
 
 def status_of(agent: AgentView, now: float, map_entries: dict[str, int] | None) -> dict[str, Any]:

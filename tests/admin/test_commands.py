@@ -270,3 +270,23 @@ def test_map_dump_from_pins_is_unchanged() -> None:
     assert out.splitlines()[1].split() == ["3", "203.0.113.5/32", "tcp/443", "60.0s"]
     assert out.splitlines()[2].split()[-1] == "static"
     assert codecs.Reason.AUDITED.name == "AUDITED"
+
+
+def test_cache_rows_of_several_workers_merge_per_endpoint_and_name() -> None:
+    """Each DNS worker lists its own cache; worker 0 answers with one row per (endpoint, name):
+    the IPs' union, the latest expiry, and a lookup's source over a restored entry's."""
+    def row(name: str, ips: list[str], ttl: int, source: str = "lookup") -> dict[str, Any]:
+        return {"endpoint": "demo/web", "endpoint_id": 7, "name": name, "source": source,
+                "ips": ips, "ttl": ttl, "expires": f"2026-11-28T00:00:{ttl:02d}Z"}
+
+    merged = commands.merge_cache_rows([
+        [row("a.test.", ["192.0.2.2"], 10), row("restored", ["192.0.2.9"], 5, "restored")],
+        [row("a.test.", ["192.0.2.1", "192.0.2.2"], 30), row("b.test.", ["192.0.2.3"], 20)],
+    ])
+    assert [(r["name"], r["ips"], r["ttl"], r["expires"]) for r in merged] == [
+        ("a.test.", ["192.0.2.1", "192.0.2.2"], 30, "2026-11-28T00:00:30Z"),
+        ("b.test.", ["192.0.2.3"], 20, "2026-11-28T00:00:20Z"),
+        ("restored", ["192.0.2.9"], 5, "2026-11-28T00:00:05Z")]
+    assert commands.merge_cache_rows([[row("a.test.", ["192.0.2.1"], 1, "restored")],
+                                      [row("a.test.", ["192.0.2.1"], 1)]])[0]["source"] == "lookup"
+    assert commands.merge_cache_rows([]) == []

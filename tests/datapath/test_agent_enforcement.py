@@ -87,7 +87,8 @@ def _dig(pod: topo.Pod, name: str) -> tuple[str, list[str]]:
 def _cache(tmp_path: Path) -> list[dict[str, object]]:
     out = subprocess.run(
         [".venv/bin/fqdnproxy", "cache", "list", "--socket", str(tmp_path / "admin.sock"),
-         "--output", "json"], capture_output=True, text=True, check=True)
+         "--output", "json"], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
 
@@ -209,9 +210,24 @@ def test_dns_workers_share_queries_and_enforce_as_one(
         assert _wait_for(lambda: len(_children(agent.pid)) == 1 and
                          _children(agent.pid) != [worker], timeout=30)
         restarted = _children(agent.pid)[0]
+        assert _wait_for(lambda: sum("[worker 1]: forwarding to" in line for line in agent.log) == 2,
+                         timeout=30)  # the new worker 1 serves (and answers its admin socket)
         assert t.probe(t.pod1, api) == [True]  # its map outlived it, as the pins do the agent's
         for _ in range(10):
             assert _dig(t.pod1, "www.demo.test")[0] == "NOERROR"
+        # The admin socket speaks for every worker: one row per name, and a clean empties
+        # every worker's map (else the other worker's entry would still let pod1 out).
+        rows = {r["name"]: r["ips"] for r in _cache(tmp_path)}
+        assert rows["api.demo.test."] == rows["www.demo.test."] == ["203.0.113.10"]
+        # Worker 1, killed, found its map's entry without a snapshot: kept unnamed.
+        assert set(rows) <= {"api.demo.test.", "www.demo.test.", "restored"}
+        cleaned = subprocess.run(
+            [".venv/bin/fqdnproxy", "cache", "clean", "--endpoint", "demo/pod1", "--socket",
+             str(tmp_path / "admin.sock")], capture_output=True, text=True, check=True)
+        assert cleaned.stdout.startswith("removed "), cleaned.stdout  # counts summed over workers
+        assert _cache(tmp_path) == []
+        assert t.probe(t.pod1, api) == [False]
+        assert not [e for e in pinned.dump_every_worker(pin_dir) if e.expiry_ns]
     finally:
         agent.stop()
     assert not Path(f"/proc/{restarted}").exists()  # stopped with the agent
