@@ -124,7 +124,6 @@ class _Worker:
     index: int
     process: asyncio.subprocess.Process | None = None
     started: float = 0.0
-    restarts: int = 0
     backoff: float = 1.0
 
 
@@ -152,10 +151,6 @@ class WorkerSupervisor:
         """Worker index -> pid of the workers running now."""
         return {w.index: w.process.pid for w in self._workers
                 if w.process is not None and w.process.returncode is None}
-
-    def restarts(self) -> dict[int, int]:
-        """Worker index -> how many times it was started again after exiting."""
-        return {w.index: w.restarts for w in self._workers}
 
     async def stop(self) -> None:
         """SIGTERM every worker, wait up to ``grace`` seconds, SIGKILL what is left."""
@@ -196,5 +191,4 @@ class WorkerSupervisor:
                 worker.backoff = 1.0  # it ran a while: not a crash loop
             await asyncio.sleep(worker.backoff)
             worker.backoff = min(worker.backoff * 2, 30.0)
-            worker.restarts += 1
             self.restarted(worker.index)
